@@ -1,0 +1,189 @@
+//! Builds and runs the gateway: opens the store (recovering what a crash
+//! left `started`), starts the dispatcher, callback delivery, retention
+//! sweep and HTTP server, and stops them in order. The only module that
+//! knows all the others.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::{App, HttpServer, web};
+use tokio::sync::{Notify, watch};
+
+use crate::callback::Callbacks;
+use crate::config::GatewayArgs;
+use crate::crypto::{CryptoError, Sealer};
+use crate::metrics::Metrics;
+use crate::model::now_ms;
+use crate::scheduler::Limits;
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::sweeper::Sweeper;
+use crate::upstream::{self, Upstream, UpstreamError};
+use crate::{dispatcher, http};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A started gateway.
+pub struct Running {
+    pub addr: SocketAddr,
+    server: actix_web::dev::ServerHandle,
+    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: watch::Sender<bool>,
+    dispatcher: tokio::task::JoinHandle<()>,
+    callbacks: tokio::task::JoinHandle<()>,
+    sweeper: Sweeper,
+    store: Arc<Store>,
+}
+
+/// Starts everything; recovery is complete before the first answer.
+/// Must run inside an actix system (`#[actix_web::main]` or `::test`).
+pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, AppError> {
+    if args.concurrency == 0 || args.per_credential_concurrency == 0 {
+        return Err(AppError::Config(
+            "--concurrency and --per-credential-concurrency must be at least 1".into(),
+        ));
+    }
+    if args.per_credential_rps == Some(0) {
+        return Err(AppError::Config(
+            "--per-credential-rps must be at least 1 (leave it out for no limit)".into(),
+        ));
+    }
+    let base = upstream::normalize_base(upstream_base)?;
+    let tls = upstream::tls_config(args.upstream_ca_file.as_deref())?;
+    let store = Arc::new(Store::open(&StoreConfig {
+        path: args.data_dir.clone(),
+        cache_capacity: args.cache_capacity,
+    })?);
+    let sealer = Sealer::load_or_create(&args.key_file(), store.has_sealed_credentials()?)?;
+    let recovered = store.recover(now_ms(), args.unknown_retention.as_millis() as u64)?;
+    if recovered.requeued + recovered.unknown > 0 {
+        log::warn!(
+            "recovered from a crash: {} safe requests requeued, {} marked unknown",
+            recovered.requeued,
+            recovered.unknown
+        );
+    }
+    let metrics = Arc::new(Metrics::default());
+    let callback_wake = Arc::new(Notify::new());
+    let (stop, stop_rx) = watch::channel(false);
+    let (handle, receiver) = dispatcher::channel();
+
+    let ctx = dispatcher::Context {
+        store: store.clone(),
+        sealer: sealer.clone(),
+        upstream: Upstream::new(
+            upstream::client(tls.clone(), args.connect_timeout),
+            base,
+            args.upstream_timeout,
+            args.max_response_size,
+        ),
+        metrics: metrics.clone(),
+        callbacks: callback_wake.clone(),
+        limits: Limits {
+            concurrency: args.concurrency,
+            per_lane_concurrency: args.per_credential_concurrency,
+            per_lane_rps: args.per_credential_rps,
+        },
+        retention: args.retention,
+        unknown_retention: args.unknown_retention,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    let dispatcher = tokio::task::spawn_local(dispatcher::run(ctx, receiver, stop_rx.clone()));
+    let callbacks = Callbacks {
+        store: store.clone(),
+        client: upstream::client(tls, args.connect_timeout),
+        metrics: metrics.clone(),
+        public_url: args.public_url.clone(),
+        wake: callback_wake,
+    };
+    let callbacks = tokio::task::spawn_local(callbacks.run(stop_rx));
+    let sweeper = Sweeper::start(store.clone());
+
+    let state = web::Data::new(http::State {
+        store: store.clone(),
+        sealer,
+        dispatch: handle,
+        metrics,
+        max_body_size: args.max_body_size,
+        public_url: args.public_url.clone(),
+    });
+    let mut server =
+        HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            .disable_signals()
+            .shutdown_timeout(args.shutdown_timeout.as_secs().max(1));
+    if let Some(n) = args.workers {
+        server = server.workers(n.max(1));
+    }
+    let server = server
+        .bind(args.listen)
+        .map_err(|e| AppError::Listen(args.listen, e))?;
+    let addr = server.addrs().first().copied().unwrap_or(args.listen);
+    let server = server.run();
+    let server_handle = server.handle();
+    let server_task = tokio::task::spawn_local(server);
+    log::info!("asyncgate listening on http://{addr}");
+    Ok(Running {
+        addr,
+        server: server_handle,
+        server_task,
+        stop,
+        dispatcher,
+        callbacks,
+        sweeper,
+        store,
+    })
+}
+
+impl Running {
+    /// Graceful stop: no new connections or dispatches, calls in flight may
+    /// finish (the dispatcher bounds that by the shutdown timeout), then
+    /// everything is flushed.
+    pub async fn stop(self) -> Result<(), AppError> {
+        self.server.stop(true).await;
+        let _ = self.server_task.await;
+        let _ = self.stop.send(true);
+        let _ = self.dispatcher.await;
+        let _ = self.callbacks.await;
+        self.sweeper.stop();
+        self.store.close()?;
+        log::info!("asyncgate stopped");
+        Ok(())
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then stops gracefully.
+pub async fn run_until_signal(running: Running) -> Result<(), AppError> {
+    wait_for_signal().await;
+    log::info!("signal received: stopping");
+    running.stop().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            log::error!("cannot install signal handlers; stop with kill -9 only");
+            std::future::pending::<()>().await
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Command-line flags. Every flag has an `ASYNCGATE_*` environment
+//! variable and a default; the doc comments are the `--help` text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "asyncgate",
+    version,
+    about = "An asynchronous API gateway: accepts calls at once, runs them paced against the upstream's limits, keeps the responses."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway in front of an upstream API.
+    Serve(ServeArgs),
+    /// Run the gateway together with a bundled demo upstream (for trying it).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Base URL of the upstream API (scheme, host, optional port and path
+    /// prefix); `/async_api/<rest>` runs as `BASE/api/<rest>`.
+    #[arg(long, env = "ASYNCGATE_UPSTREAM")]
+    pub upstream: String,
+
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Address of the demo upstream.
+    #[arg(long, env = "ASYNCGATE_DEMO_LISTEN", default_value = "127.0.0.1:8081")]
+    pub demo_listen: SocketAddr,
+
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "ASYNCGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory of the durable store.
+    #[arg(long, env = "ASYNCGATE_DATA_DIR", default_value = "./asyncgate-data")]
+    pub data_dir: PathBuf,
+
+    /// Key that seals stored credentials [default: <data-dir>.key]. Created
+    /// with mode 0600 on first start; keep it out of the data dir's backups.
+    #[arg(long, env = "ASYNCGATE_CREDENTIAL_KEY_FILE")]
+    pub credential_key_file: Option<PathBuf>,
+
+    /// How long `done` requests and their responses are kept.
+    #[arg(long, env = "ASYNCGATE_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// How long `unknown` requests wait for an operator.
+    #[arg(long, env = "ASYNCGATE_UNKNOWN_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub unknown_retention: Duration,
+
+    /// Largest accepted request body (e.g. 10MiB, 512KiB, 1000).
+    #[arg(long, env = "ASYNCGATE_MAX_BODY_SIZE", default_value = "10MiB", value_parser = parse_size)]
+    pub max_body_size: u64,
+
+    /// Largest upstream response body kept; larger ones answer 502.
+    #[arg(long, env = "ASYNCGATE_MAX_RESPONSE_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_response_size: u64,
+
+    /// Upstream requests in flight, in all.
+    #[arg(long, env = "ASYNCGATE_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// Upstream requests in flight per credential.
+    #[arg(
+        long,
+        env = "ASYNCGATE_PER_CREDENTIAL_CONCURRENCY",
+        default_value_t = 4
+    )]
+    pub per_credential_concurrency: usize,
+
+    /// Requests per second per credential [default: unlimited].
+    #[arg(long, env = "ASYNCGATE_PER_CREDENTIAL_RPS")]
+    pub per_credential_rps: Option<u32>,
+
+    /// Whole upstream exchange, up to the last body byte.
+    #[arg(long, env = "ASYNCGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Connecting (and the TLS handshake) to the upstream.
+    #[arg(long, env = "ASYNCGATE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// PEM file of extra CA certificates to trust for an https upstream.
+    #[arg(long, env = "ASYNCGATE_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+
+    /// On SIGTERM/SIGINT, how long calls in flight may still finish.
+    #[arg(long, env = "ASYNCGATE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Public base URL; makes `response_url` absolute.
+    #[arg(long, env = "ASYNCGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Bytes of the store's page cache.
+    #[arg(long, env = "ASYNCGATE_CACHE_CAPACITY", default_value = "64MiB", value_parser = parse_size)]
+    pub cache_capacity: u64,
+
+    /// HTTP worker threads [default: one per core].
+    #[arg(long, env = "ASYNCGATE_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+impl GatewayArgs {
+    pub fn key_file(&self) -> PathBuf {
+        self.credential_key_file.clone().unwrap_or_else(|| {
+            let mut p = self.data_dir.clone().into_os_string();
+            p.push(".key");
+            PathBuf::from(p)
+        })
+    }
+}
+
+/// `90s`, `15m`, `1h30m`, `24h`, `7d`, `250ms`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration like 90s, 15m, 1h30m, 24h or 7d");
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            _ => return Err(bad()),
+        };
+        total += unit;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+/// `10MiB`, `512KiB`, `1GiB`, `10MB`, or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("`{s}` is not a size like 10MiB, 512KiB or 1048576");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..split].parse().map_err(|_| bad())?;
+    let mult: u64 = match s[split..].trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        for bad in ["", "h", "3x", "1h30", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn serve_requires_an_upstream() {
+        assert!(Cli::try_parse_from(["asyncgate", "serve"]).is_err());
+        let cli = Cli::try_parse_from(["asyncgate", "serve", "--upstream", "http://x"]).unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.gateway.key_file(), PathBuf::from("./asyncgate-data.key"));
+        assert_eq!(a.gateway.retention, Duration::from_secs(86400));
+    }
+}

@@ -1,0 +1,185 @@
+//! Credentials at rest. The `Authorization` value is needed to run the
+//! request, so it is sealed (ChaCha20-Poly1305, the request id as associated
+//! data, so a sealed value cannot be moved to another request) with a key
+//! kept outside the data dir. Ownership checks use a salted HMAC of it,
+//! compared in constant time, which also names the credential's lane.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::model::{LaneKey, RequestId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error(
+        "credential key file {0} is missing but sealed credentials exist; restore it (or point --credential-key-file at it)"
+    )]
+    KeyMissing(PathBuf),
+    #[error("credential key file {0}: {1}")]
+    KeyFile(PathBuf, String),
+    #[error("a sealed credential could not be opened")]
+    Unseal,
+    #[error("no randomness available")]
+    Random,
+}
+
+const NONCE: usize = 12;
+
+#[derive(Clone)]
+pub struct Sealer {
+    cipher: ChaCha20Poly1305,
+}
+
+impl Sealer {
+    /// Loads the 32-byte key, creating it (mode 0600) only when no sealed
+    /// credential needs an old one.
+    pub fn load_or_create(path: &Path, sealed_exist: bool) -> Result<Sealer, CryptoError> {
+        let err = |e: std::io::Error| CryptoError::KeyFile(path.to_path_buf(), e.to_string());
+        let key = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if sealed_exist {
+                    return Err(CryptoError::KeyMissing(path.to_path_buf()));
+                }
+                let mut key = vec![0u8; 32];
+                getrandom::getrandom(&mut key).map_err(|_| CryptoError::Random)?;
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(err)?;
+                f.write_all(&key).map_err(err)?;
+                f.sync_all().map_err(err)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(err)?;
+                }
+                key
+            }
+            Err(e) => return Err(err(e)),
+        };
+        if key.len() != 32 {
+            return Err(CryptoError::KeyFile(
+                path.to_path_buf(),
+                format!("holds {} bytes, not 32", key.len()),
+            ));
+        }
+        Ok(Sealer {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+        })
+    }
+
+    pub fn seal(&self, id: &RequestId, credential: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut nonce = [0u8; NONCE];
+        getrandom::getrandom(&mut nonce).map_err(|_| CryptoError::Random)?;
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: credential,
+                    aad: id.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Unseal)?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    pub fn unseal(&self, id: &RequestId, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        if sealed.len() < NONCE {
+            return Err(CryptoError::Unseal);
+        }
+        let (nonce, msg) = sealed.split_at(NONCE);
+        self.cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg,
+                    aad: id.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Unseal)
+    }
+}
+
+/// The salted hash of a credential (`None`: anonymous). The two cases are
+/// domain-separated so no header value hashes like "no header".
+pub fn credential_hash(salt: &[u8; 32], credential: Option<&[u8]>) -> LaneKey {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(salt).expect("HMAC takes any key length");
+    match credential {
+        None => mac.update(&[0]),
+        Some(c) => {
+            mac.update(&[1]);
+            mac.update(c);
+        }
+    }
+    mac.finalize().into_bytes().into()
+}
+
+pub fn same_owner(a: &LaneKey, b: &LaneKey) -> bool {
+    a.ct_eq(b).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_round_trips_only_for_the_same_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::load_or_create(&dir.path().join("k"), false).unwrap();
+        let id = RequestId::generate();
+        let sealed = s.seal(&id, b"Bearer secret").unwrap();
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+        assert_eq!(s.unseal(&id, &sealed).unwrap(), b"Bearer secret");
+        assert!(s.unseal(&RequestId::generate(), &sealed).is_err());
+    }
+
+    #[test]
+    fn key_is_kept_with_mode_0600_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let a = Sealer::load_or_create(&path, false).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = Sealer::load_or_create(&path, true).unwrap();
+        let id = RequestId::generate();
+        assert_eq!(b.unseal(&id, &a.seal(&id, b"x").unwrap()).unwrap(), b"x");
+    }
+
+    #[test]
+    fn missing_key_with_sealed_credentials_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Sealer::load_or_create(&dir.path().join("k"), true);
+        assert!(matches!(e, Err(CryptoError::KeyMissing(_))));
+    }
+
+    #[test]
+    fn hashes_are_exact_and_salted() {
+        let salt = [1u8; 32];
+        let a = credential_hash(&salt, Some(b"Bearer x"));
+        assert!(same_owner(&a, &credential_hash(&salt, Some(b"Bearer x"))));
+        assert!(!same_owner(&a, &credential_hash(&salt, Some(b"bearer x"))));
+        assert!(!same_owner(
+            &a,
+            &credential_hash(&[2u8; 32], Some(b"Bearer x"))
+        ));
+        assert!(!same_owner(
+            &credential_hash(&salt, None),
+            &credential_hash(&salt, Some(b""))
+        ));
+    }
+}

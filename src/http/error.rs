@@ -1,0 +1,85 @@
+//! The one mapping from errors to HTTP: a JSON body
+//! `{"error": {"code", "message"}}`; 4xx say what was wrong, 5xx log the
+//! cause and say little.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::crypto::CryptoError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no such request")]
+    NotFound,
+    #[error("this method is not allowed here")]
+    MethodNotAllowed,
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("the body is larger than the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("the response was larger than --max-response-size and was not kept")]
+    ResponseTooLarge,
+    #[error("the request body could not be read: {0}")]
+    BodyUnreadable(String),
+    #[error("storage unavailable")]
+    Store(#[from] StoreError),
+    #[error("internal error")]
+    Crypto(#[from] CryptoError),
+}
+
+impl ApiError {
+    pub fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::BadRequest { code, .. } => code,
+            ApiError::BodyTooLarge(_) => "body_too_large",
+            ApiError::ResponseTooLarge => "response_too_large",
+            ApiError::BodyUnreadable(_) => "body_unreadable",
+            ApiError::Store(StoreError::Codec(_)) => "internal_error",
+            ApiError::Store(_) => "store_unavailable",
+            ApiError::Crypto(_) => "internal_error",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BadRequest { .. } | ApiError::BodyUnreadable(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+            ApiError::Store(StoreError::Codec(_)) | ApiError::Crypto(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            log::error!("{}: {self}: {:?}", status.as_u16(), self);
+        }
+        let message = match self {
+            ApiError::Store(_) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                "the store cannot take writes right now; nothing was acknowledged, retry later"
+                    .to_string()
+            }
+            other => other.to_string(),
+        };
+        HttpResponse::build(status)
+            .json(json!({"error": {"code": self.code(), "message": message}}))
+    }
+}

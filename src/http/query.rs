@@ -1,0 +1,103 @@
+//! Reads: status, the stored response, health and metrics. Every lookup
+//! answers the same 404 for an unknown, malformed, expired or foreign id.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::{Value, json};
+
+use super::{ApiError, State, single_header};
+use crate::callback::response_url;
+use crate::crypto::{credential_hash, same_owner};
+use crate::model::{RequestId, RequestRecord, Status, format_time, now_ms};
+
+/// The record behind `{id}.json`, if the caller's credential submitted it.
+fn find_owned(req: &HttpRequest, state: &State, file: &str) -> Result<RequestRecord, ApiError> {
+    let id: RequestId = file
+        .strip_suffix(".json")
+        .and_then(|s| s.parse().ok())
+        .ok_or(ApiError::NotFound)?;
+    let credential = single_header(req, "authorization").map_err(|_| ApiError::NotFound)?;
+    let rec = state.store.get(&id)?.ok_or(ApiError::NotFound)?;
+    let caller = credential_hash(state.store.salt(), credential);
+    if !same_owner(&rec.lane, &caller) || rec.is_expired(now_ms()) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(rec)
+}
+
+pub async fn status(
+    req: HttpRequest,
+    file: web::Path<String>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let rec = find_owned(&req, &state, &file)?;
+    let mut view = json!({
+        "id": rec.id.to_string(),
+        "status": rec.status.as_str(),
+        "created": format_time(rec.created_ms),
+    });
+    if let Some(started) = rec.started_ms.filter(|_| rec.status != Status::Enqueued) {
+        view["started"] = Value::from(format_time(started));
+    }
+    match (rec.status, &rec.outcome) {
+        (Status::Done, Some(outcome)) => {
+            let url = response_url(state.public_url.as_deref(), &rec.id);
+            view["response_http_code"] = Value::from(outcome.code);
+            view["response_url"] = Value::from(url.clone());
+            view["exec_time"] = Value::from(outcome.exec_ms);
+            Ok(HttpResponse::build(StatusCode::SEE_OTHER)
+                .insert_header((header::LOCATION, url))
+                .json(view))
+        }
+        _ => Ok(HttpResponse::Ok().json(view)),
+    }
+}
+
+pub async fn response(
+    req: HttpRequest,
+    file: web::Path<String>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let rec = find_owned(&req, &state, &file)?;
+    let outcome = match (&rec.status, &rec.outcome) {
+        (Status::Done, Some(o)) => o,
+        _ => return Err(ApiError::NotFound),
+    };
+    if !outcome.kept {
+        return Err(ApiError::ResponseTooLarge);
+    }
+    let (head, body) = state.store.response(&rec.id)?.ok_or(ApiError::NotFound)?;
+    let code = StatusCode::from_u16(head.code).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = HttpResponse::build(code);
+    for (name, value) in &head.headers {
+        // Content-Length is recomputed from the body (a 304 keeps the
+        // upstream's: actix-web writes a set one only for 304).
+        if name == "content-length" && code != StatusCode::NOT_MODIFIED {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            res.append_header((n, v));
+        }
+    }
+    Ok(res.body(body))
+}
+
+pub async fn healthz(state: web::Data<State>) -> HttpResponse {
+    if state.dispatch.is_alive() {
+        HttpResponse::Ok().json(json!({"status": "ok"}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "dispatcher stopped"}))
+    }
+}
+
+pub async fn metrics(state: web::Data<State>) -> Result<HttpResponse, ApiError> {
+    let counts = state.store.counts()?;
+    let named: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(&named)))
+}

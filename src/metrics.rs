@@ -1,0 +1,186 @@
+//! Counters and a latency histogram, rendered in the Prometheus text
+//! format with the `asyncgate_` prefix. Counts by status come from the
+//! store's persisted counters, so they are right across restarts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds (ms) of the upstream latency buckets.
+const BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000];
+
+#[derive(Default)]
+pub struct Metrics {
+    accepted: AtomicU64,
+    /// Answers stored as results, by upstream status code.
+    executed: Mutex<BTreeMap<u16, u64>>,
+    /// 429 / 503+Retry-After answers: requests put back, not results.
+    refused: AtomicU64,
+    not_sent: AtomicU64,
+    failed_after_send: AtomicU64,
+    callback_attempts: AtomicU64,
+    callback_failures: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS_MS.len()],
+    latency_sum_ms: AtomicU64,
+    latency_count: AtomicU64,
+}
+
+impl Metrics {
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Relaxed);
+    }
+
+    pub fn executed(&self, code: u16, exec_ms: u64) {
+        *self
+            .executed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(code)
+            .or_default() += 1;
+        for (i, &b) in BUCKETS_MS.iter().enumerate() {
+            if exec_ms <= b {
+                self.latency_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_sum_ms.fetch_add(exec_ms, Relaxed);
+        self.latency_count.fetch_add(1, Relaxed);
+    }
+
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+    }
+
+    pub fn not_sent(&self) {
+        self.not_sent.fetch_add(1, Relaxed);
+    }
+
+    pub fn failed_after_send(&self) {
+        self.failed_after_send.fetch_add(1, Relaxed);
+    }
+
+    pub fn callback_attempt(&self, ok: bool) {
+        self.callback_attempts.fetch_add(1, Relaxed);
+        if !ok {
+            self.callback_failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The text exposition; `by_status` from the store.
+    pub fn render(&self, by_status: &[(&str, u64)]) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP asyncgate_{name} {help}\n# TYPE asyncgate_{name} counter\nasyncgate_{name} {v}"
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_requests Stored requests by status.\n# TYPE asyncgate_requests gauge"
+        );
+        for (status, n) in by_status {
+            let _ = writeln!(out, "asyncgate_requests{{status=\"{status}\"}} {n}");
+        }
+        let depth = by_status
+            .iter()
+            .find(|(s, _)| *s == "enqueued")
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_queue_depth Requests waiting to run.\n# TYPE asyncgate_queue_depth gauge\nasyncgate_queue_depth {depth}"
+        );
+        counter(
+            &mut out,
+            "accepted_total",
+            "Submissions acknowledged with 202.",
+            self.accepted.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_executed_total Upstream answers stored as results, by status code.\n# TYPE asyncgate_executed_total counter"
+        );
+        for (code, n) in self
+            .executed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "asyncgate_executed_total{{code=\"{code}\"}} {n}");
+        }
+        counter(
+            &mut out,
+            "rate_limit_deferrals_total",
+            "Attempts refused with 429 or 503+Retry-After and put back.",
+            self.refused.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "upstream_unreachable_total",
+            "Attempts that never reached the upstream.",
+            self.not_sent.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "upstream_failed_after_send_total",
+            "Attempts that failed after sending began.",
+            self.failed_after_send.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "callback_attempts_total",
+            "Callback deliveries tried.",
+            self.callback_attempts.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "callback_failures_total",
+            "Callback deliveries that failed.",
+            self.callback_failures.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_upstream_latency_seconds Time from sending to the whole answer.\n# TYPE asyncgate_upstream_latency_seconds histogram"
+        );
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            let le = *b as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "asyncgate_upstream_latency_seconds_bucket{{le=\"{le}\"}} {}",
+                self.latency_buckets[i].load(Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Relaxed);
+        let sum = self.latency_sum_ms.load(Relaxed) as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "asyncgate_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}\nasyncgate_upstream_latency_seconds_sum {sum}\nasyncgate_upstream_latency_seconds_count {count}"
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.accepted();
+        m.executed(200, 7);
+        m.executed(200, 300);
+        m.executed(500, 20);
+        m.callback_attempt(false);
+        let text = m.render(&[("enqueued", 3), ("done", 2)]);
+        assert!(text.contains("asyncgate_accepted_total 1\n"));
+        assert!(text.contains("asyncgate_executed_total{code=\"200\"} 2\n"));
+        assert!(text.contains("asyncgate_executed_total{code=\"500\"} 1\n"));
+        assert!(text.contains("asyncgate_requests{status=\"enqueued\"} 3\n"));
+        assert!(text.contains("asyncgate_queue_depth 3\n"));
+        assert!(text.contains("asyncgate_upstream_latency_seconds_bucket{le=\"0.01\"} 1\n"));
+        assert!(text.contains("asyncgate_upstream_latency_seconds_bucket{le=\"0.025\"} 2\n"));
+        assert!(text.contains("asyncgate_upstream_latency_seconds_count 3\n"));
+        assert!(text.contains("asyncgate_callback_failures_total 1\n"));
+    }
+}

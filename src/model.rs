@@ -1,0 +1,308 @@
+//! The domain records: what a request is, the states it moves through, and
+//! how times are written. Stored records are not API views: `http` renders
+//! its own views from these.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+/// A request's public name: a ULID in canonical form. Queue order does not
+/// come from it (see `RequestRecord::seq`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub [u8; 16]);
+
+impl RequestId {
+    /// A fresh id; ids made by one process sort in creation order.
+    pub fn generate() -> RequestId {
+        static GENERATOR: Mutex<Option<ulid::Generator>> = Mutex::new(None);
+        let mut guard = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let generator = guard.get_or_insert_with(ulid::Generator::new);
+        // The generator fails only when 2^80 ids are made in one millisecond;
+        // a random one is then as unique, only not ordered.
+        let ulid = generator
+            .generate()
+            .unwrap_or_else(|_| Ulid::from_parts(now_ms(), getrandom_u128()));
+        RequestId(ulid.to_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+fn getrandom_u128() -> u128 {
+    let mut b = [0u8; 16];
+    // No entropy at all means the OS is broken; zeros still give a valid id.
+    let _ = getrandom::getrandom(&mut b);
+    u128::from_be_bytes(b)
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", Ulid::from_bytes(self.0))
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = ();
+
+    /// Accepts the canonical 26-character form, in either case.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s.len() != 26 {
+            return Err(());
+        }
+        Ulid::from_string(&s.to_ascii_uppercase())
+            .map(|u| RequestId(u.to_bytes()))
+            .map_err(|_| ())
+    }
+}
+
+/// The salted hash of a credential: names its lane (queue) and proves
+/// ownership on status and response checks without keeping the credential.
+pub type LaneKey = [u8; 32];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Enqueued,
+    Started,
+    Done,
+    Unknown,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [
+        Status::Enqueued,
+        Status::Started,
+        Status::Done,
+        Status::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Enqueued => "enqueued",
+            Status::Started => "started",
+            Status::Done => "done",
+            Status::Unknown => "unknown",
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The transitions the gateway makes; anything else is a bug or a stale
+    /// claim, and the store refuses it.
+    pub fn can_become(self, next: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, next),
+            (Enqueued, Started)
+                | (Started, Enqueued)
+                | (Started, Done)
+                | (Started, Unknown)
+                | (Unknown, Enqueued)
+        )
+    }
+}
+
+impl FromStr for Status {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallbackMethod {
+    Get,
+    Post,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+    pub method: CallbackMethod,
+}
+
+/// A header as it travels: the name lower-cased, the value's raw bytes.
+pub type Header = (String, Vec<u8>);
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Keeps a message's end-to-end headers, in order, with their
+/// multiplicity: drops hop-by-hop ones (and those `Connection` names) and
+/// any of `also_drop` (lower-case names).
+pub fn end_to_end<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    also_drop: &[&str],
+) -> Vec<Header> {
+    let headers: Vec<(&str, &[u8])> = headers.into_iter().collect();
+    let named_by_connection: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    headers
+        .into_iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v))
+        .filter(|(n, _)| {
+            !HOP_BY_HOP.contains(&n.as_str())
+                && !also_drop.contains(&n.as_str())
+                && !named_by_connection.contains(n)
+        })
+        .map(|(n, v)| (n, v.to_vec()))
+        .collect()
+}
+
+/// Methods that may be sent again after a failure or a crash.
+pub fn is_idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS")
+}
+
+/// What the upstream answered, once it let the request through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub code: u16,
+    /// Milliseconds from sending to having the whole response.
+    pub exec_ms: u64,
+    /// False when the body exceeded `--max-response-size` and was dropped.
+    pub kept: bool,
+}
+
+/// One accepted request. Small by design: the body and the response live in
+/// chunks beside it, the credential sealed in a tree of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub id: RequestId,
+    /// Position in its lane: from the store's persisted sequence.
+    pub seq: u64,
+    pub lane: LaneKey,
+    pub method: String,
+    /// Path after `/async_api/`, with `?query` byte for byte when present.
+    pub target: String,
+    /// Forwardable headers (no hop-by-hop, no `Authorization`: it is sealed).
+    pub headers: Vec<Header>,
+    pub body_len: u64,
+    pub callback: Option<Callback>,
+    pub created_ms: u64,
+    pub status: Status,
+    /// When the attempt whose answer counts was sent.
+    pub started_ms: Option<u64>,
+    /// Claims so far: the fencing token that stops a stale claim's write.
+    pub claims: u32,
+    pub outcome: Option<Outcome>,
+    pub finished_ms: Option<u64>,
+    /// When retention ends; past it the request answers 404.
+    pub expires_ms: Option<u64>,
+}
+
+impl RequestRecord {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|e| now_ms >= e)
+    }
+}
+
+/// The stored head of an upstream response; the body is in chunks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseHead {
+    pub code: u16,
+    pub headers: Vec<Header>,
+    pub body_len: u64,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC, the contract's one time format.
+pub fn format_time(ms: u64) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_accept_lower_case() {
+        let id = RequestId::generate();
+        let s = id.to_string();
+        assert_eq!(s.len(), 26);
+        assert_eq!(s.parse::<RequestId>(), Ok(id));
+        assert_eq!(s.to_lowercase().parse::<RequestId>(), Ok(id));
+        assert!("nope".parse::<RequestId>().is_err());
+        assert!("01JDQ8M3Z1X4A6QF0W3N9YB2K!".parse::<RequestId>().is_err());
+    }
+
+    #[test]
+    fn ids_sort_in_creation_order() {
+        let a = RequestId::generate();
+        let b = RequestId::generate();
+        assert!(a < b);
+    }
+
+    #[test]
+    fn end_to_end_drops_hop_by_hop_and_connection_named_headers() {
+        let raw: Vec<(&str, &[u8])> = vec![
+            ("Connection", b"close, X-Private"),
+            ("X-Private", b"1"),
+            ("Keep-Alive", b"timeout=5"),
+            ("Accept", b"a"),
+            ("Host", b"h"),
+            ("Accept", b"b"),
+            ("Transfer-Encoding", b"chunked"),
+        ];
+        let kept = end_to_end(raw, &["host"]);
+        assert_eq!(
+            kept,
+            vec![
+                ("accept".to_string(), b"a".to_vec()),
+                ("accept".to_string(), b"b".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn time_format_is_the_contracts() {
+        assert_eq!(format_time(1_394_063_438_000), "2014-03-05 23:50:38");
+    }
+
+    #[test]
+    fn only_the_gateways_transitions_are_allowed() {
+        use Status::*;
+        assert!(Enqueued.can_become(Started));
+        assert!(Started.can_become(Done));
+        assert!(!Done.can_become(Started));
+        assert!(!Enqueued.can_become(Done));
+        assert!(Unknown.can_become(Enqueued));
+    }
+}

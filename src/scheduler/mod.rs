@@ -1,0 +1,252 @@
+//! Who runs next: per-credential lanes served round-robin under global and
+//! per-lane concurrency, per-lane pacing (a sliding window of send times),
+//! pauses learned from the upstream, and backoff. Pure logic: the time is an
+//! argument and nothing here touches the network or the disk, so every rule
+//! is unit-tested exactly. The queues themselves stay on disk; a lane here
+//! is a few counters, so memory is O(credentials + in flight).
+
+pub mod pacing;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::model::LaneKey;
+pub use pacing::{Hints, Verdict};
+
+/// The sliding window for requests-per-second limits, a little over a
+/// second: sends and arrivals at the upstream are not equally spaced.
+pub const WINDOW: Duration = Duration::from_millis(1050);
+const REFUSAL_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+const OUTAGE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+/// While a quota (hourly, daily) is used up, one probe this often.
+pub const PROBE_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub concurrency: usize,
+    pub per_lane_concurrency: usize,
+    pub per_lane_rps: Option<u32>,
+}
+
+/// How an attempt ended, as far as pacing cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feedback {
+    /// The upstream answered and the answer is the result.
+    Answered(Hints),
+    /// 429, or 503 with `Retry-After`; the request is back at the lane head.
+    Refused {
+        retry_after: Option<Duration>,
+        hints: Hints,
+    },
+    /// Nothing reached the upstream; the request is back at the lane head.
+    NotSent,
+    /// Failed after sending; an idempotent request is back in its lane.
+    FailedAfterSend { requeued: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Claim the head of this lane now (one slot is reserved for it).
+    Dispatch(LaneKey),
+    /// Nothing may run before this time.
+    At(Instant),
+    /// Nothing may run until something changes (a submission, a finish).
+    Idle,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    /// The lane has queued requests on disk, as far as we know.
+    queued: bool,
+    /// Whether the lane is in the round-robin ring.
+    in_ring: bool,
+    in_flight: usize,
+    /// No sends before this time (refusals, outages, exhausted quotas).
+    paused_until: Option<Instant>,
+    /// Consecutive rate-limit refusals: the backoff exponent.
+    refusals: u32,
+    /// Consecutive failures to reach the upstream: the backoff exponent.
+    outages: u32,
+    /// `X-RateLimit-RPS-Limit` as last seen (in memory only).
+    learned_rps: Option<u32>,
+    /// Send times inside the window, kept only while a limit applies.
+    sent: VecDeque<Instant>,
+    /// A quota is used up: one request at a time, as a probe.
+    probing: bool,
+}
+
+impl Lane {
+    fn pause(&mut self, now: Instant, d: Duration) {
+        let until = now + d;
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+    }
+
+    fn rps(&self, limits: &Limits) -> Option<u32> {
+        match (limits.per_lane_rps, self.learned_rps) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `Ok` if a request may go now, else when it may (`None`: when a slot
+    /// frees up).
+    fn ready(&mut self, now: Instant, limits: &Limits) -> Result<(), Option<Instant>> {
+        let cap = if self.probing {
+            1
+        } else {
+            limits.per_lane_concurrency
+        };
+        if self.in_flight >= cap {
+            return Err(None);
+        }
+        if let Some(p) = self.paused_until {
+            if p > now {
+                return Err(Some(p));
+            }
+            self.paused_until = None;
+        }
+        if let Some(n) = self.rps(limits) {
+            while self.sent.front().is_some_and(|&t| t + WINDOW <= now) {
+                self.sent.pop_front();
+            }
+            let n = n as usize;
+            if self.sent.len() >= n {
+                return Err(Some(self.sent[self.sent.len() - n] + WINDOW));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct Scheduler {
+    limits: Limits,
+    lanes: HashMap<LaneKey, Lane>,
+    /// Lanes with queued work, in round-robin order.
+    ring: VecDeque<LaneKey>,
+    in_flight: usize,
+}
+
+impl Scheduler {
+    pub fn new(limits: Limits) -> Scheduler {
+        Scheduler {
+            limits,
+            lanes: HashMap::new(),
+            ring: VecDeque::new(),
+            in_flight: 0,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The lane has (new) queued requests. A lane that was idle joins at
+    /// the front: it has not been served in this round, so a fresh
+    /// credential's single request does not wait behind a backlog's turn.
+    pub fn queued(&mut self, key: LaneKey) {
+        let lane = self.lanes.entry(key).or_default();
+        lane.queued = true;
+        if !lane.in_ring {
+            lane.in_ring = true;
+            self.ring.push_front(key);
+        }
+    }
+
+    /// Picks the next lane to serve, round-robin, and reserves a slot.
+    pub fn next(&mut self, now: Instant) -> Next {
+        if self.in_flight >= self.limits.concurrency {
+            return Next::Idle;
+        }
+        let mut earliest: Option<Instant> = None;
+        for _ in 0..self.ring.len() {
+            let Some(key) = self.ring.pop_front() else {
+                break;
+            };
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            if !lane.queued {
+                lane.in_ring = false;
+                continue;
+            }
+            self.ring.push_back(key);
+            match lane.ready(now, &self.limits) {
+                Ok(()) => {
+                    lane.in_flight += 1;
+                    if lane.rps(&self.limits).is_some() {
+                        lane.sent.push_back(now);
+                    }
+                    self.in_flight += 1;
+                    return Next::Dispatch(key);
+                }
+                Err(Some(t)) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
+                Err(None) => {}
+            }
+        }
+        earliest.map_or(Next::Idle, Next::At)
+    }
+
+    /// The claim after `Dispatch` found the lane empty: the slot is returned.
+    pub fn empty(&mut self, key: LaneKey) {
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.queued = false;
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+            lane.sent.pop_back();
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// An attempt from `key` ended.
+    pub fn finished(&mut self, key: LaneKey, now: Instant, feedback: Feedback) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let lane = self.lanes.entry(key).or_default();
+        lane.in_flight = lane.in_flight.saturating_sub(1);
+        let hints = match feedback {
+            Feedback::Answered(h) => {
+                lane.refusals = 0;
+                lane.outages = 0;
+                lane.probing = h.quota_exhausted;
+                h
+            }
+            Feedback::Refused { retry_after, hints } => {
+                lane.refusals += 1;
+                let (base, cap) = REFUSAL_BACKOFF;
+                let wait =
+                    retry_after.unwrap_or_else(|| pacing::doubling(base, lane.refusals, cap));
+                lane.pause(now, wait);
+                if lane.probing {
+                    lane.pause(now, PROBE_EVERY);
+                }
+                hints
+            }
+            Feedback::NotSent | Feedback::FailedAfterSend { requeued: true } => {
+                lane.outages += 1;
+                let (base, cap) = OUTAGE_BACKOFF;
+                lane.pause(now, pacing::doubling(base, lane.outages, cap));
+                Hints::default()
+            }
+            Feedback::FailedAfterSend { requeued: false } => Hints::default(),
+        };
+        if let Some(n) = hints.rps_limit {
+            lane.learned_rps = Some(n);
+        }
+        if hints.second_exhausted {
+            lane.pause(now, Duration::from_secs(1));
+        }
+        if hints.quota_exhausted {
+            lane.probing = true;
+            lane.pause(now, PROBE_EVERY);
+        }
+        let back_in_queue = match feedback {
+            Feedback::Refused { .. } | Feedback::NotSent => true,
+            Feedback::FailedAfterSend { requeued } => requeued,
+            Feedback::Answered(_) => false,
+        };
+        if back_in_queue {
+            self.queued(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+//! Key encodings. Integers and times are big-endian so that sled's byte
+//! order is their numeric order: lanes iterate in sequence, expiries and
+//! callbacks in due time.
+
+use crate::model::{LaneKey, RequestId, Status};
+
+/// Which body a chunk belongs to.
+#[derive(Clone, Copy)]
+pub enum Body {
+    Request = 0,
+    Response = 1,
+}
+
+/// Bodies are split into values this size: sled writes values over about a
+/// quarter of a segment as blob files it never fsyncs.
+pub const CHUNK: usize = 64 * 1024;
+
+pub fn chunk(id: &RequestId, body: Body, index: u32) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[..16].copy_from_slice(id.as_bytes());
+    k[16] = body as u8;
+    k[17..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn chunk_count(len: u64) -> u32 {
+    len.div_ceil(CHUNK as u64) as u32
+}
+
+pub fn lane(lane: &LaneKey, seq: u64) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..32].copy_from_slice(lane);
+    k[32..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The smallest key after every key of `lane`: where the next lane begins.
+pub fn lane_end(lane: &LaneKey) -> Option<Vec<u8>> {
+    let mut k = lane.to_vec();
+    for i in (0..k.len()).rev() {
+        if k[i] < 0xff {
+            k[i] += 1;
+            k.truncate(i + 1);
+            return Some(k);
+        }
+    }
+    None
+}
+
+pub fn status(status: Status, id: &RequestId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = status.code();
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+/// Time-ordered index keys: expiry and callback due times.
+pub fn timed(at_ms: u64, id: &RequestId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&at_ms.to_be_bytes());
+    k[8..].copy_from_slice(id.as_bytes());
+    k
+}
+
+pub fn split_timed(k: &[u8]) -> Option<(u64, RequestId)> {
+    if k.len() != 24 {
+        return None;
+    }
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&k[..8]);
+    Some((u64::from_be_bytes(at), id_from(&k[8..])?))
+}
+
+pub fn id_from(b: &[u8]) -> Option<RequestId> {
+    let arr: [u8; 16] = b.try_into().ok()?;
+    Some(RequestId(arr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_keys_sort_by_sequence() {
+        let l = [7u8; 32];
+        assert!(lane(&l, 2) < lane(&l, 10));
+        assert!(lane(&l, u64::MAX).as_slice() < lane_end(&l).unwrap().as_slice());
+        assert_eq!(lane_end(&[0xff; 32]), None);
+    }
+
+    #[test]
+    fn timed_keys_round_trip_and_sort_by_time() {
+        let id = RequestId([3; 16]);
+        assert!(timed(5, &id) < timed(300, &RequestId([0; 16])));
+        assert_eq!(split_timed(&timed(42, &id)), Some((42, id)));
+    }
+
+    #[test]
+    fn chunk_counts() {
+        assert_eq!(chunk_count(0), 0);
+        assert_eq!(chunk_count(1), 1);
+        assert_eq!(chunk_count(CHUNK as u64), 1);
+        assert_eq!(chunk_count(CHUNK as u64 + 1), 2);
+    }
+}

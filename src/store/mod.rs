@@ -1,0 +1,338 @@
+//! The durable store: sled trees behind a short list of domain operations.
+//!
+//! Trees, one per access path (keys in `keys`):
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `records` | id | `RequestRecord` |
+//! | `chunks` | id, body kind, index | up to 64 KiB of a body |
+//! | `responses` | id | `ResponseHead` |
+//! | `sealed` | id | the sealed credential |
+//! | `lanes` | lane, seq | id — the per-credential FIFO queues |
+//! | `by_status` | status, id | — (recovery, admin listing) |
+//! | `expiry` | expires at, id | — (retention sweep) |
+//! | `callbacks` | due at, id | attempts so far |
+//! | `counters` | status | count (sled's `len()` walks a tree) |
+//!
+//! Every change touching several trees is one transaction (`tx`). Nothing
+//! is durable until its `Ticket` is waited for (`flusher`).
+
+mod codec;
+mod flusher;
+mod keys;
+mod tx;
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+pub use flusher::Ticket;
+pub use tx::{Completion, NewRequest, Recovered};
+
+use crate::model::{LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use flusher::Flusher;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stored value unreadable: {0}")]
+    Codec(String),
+    #[error("data dir {0} is in use by another running gateway")]
+    Locked(PathBuf),
+    #[error("the write did not reach the disk")]
+    NotDurable,
+    #[error("the store is closed")]
+    Closed,
+}
+
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// Bytes of sled's page cache (its default, 1 GiB, grows with the queue).
+    pub cache_capacity: u64,
+}
+
+const TREES: [&str; 9] = [
+    "records",
+    "chunks",
+    "responses",
+    "sealed",
+    "lanes",
+    "by_status",
+    "expiry",
+    "callbacks",
+    "counters",
+];
+
+pub struct Store {
+    db: sled::Db,
+    /// In `TREES` order; `tx::Tx` names them.
+    trees: Vec<sled::Tree>,
+    flusher: Arc<Flusher>,
+    flusher_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Per data dir: credentials hash differently in every installation.
+    salt: [u8; 32],
+}
+
+impl Store {
+    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&config.path)?;
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity)
+            .open()
+            .map_err(|e| classify_open_error(e, &config.path))?;
+        let trees = TREES
+            .iter()
+            .map(|name| db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let salt = load_or_make_salt(&db)?;
+        let log = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(config.path.join("db"))?;
+        let (flusher, thread) = Flusher::start(db.clone(), log);
+        let store = Store {
+            db,
+            trees,
+            flusher,
+            flusher_thread: Mutex::new(Some(thread)),
+            salt,
+        };
+        // The salt (and anything else written on open) is durable at once.
+        store.flusher.wait_blocking(store.flusher.ticket())?;
+        Ok(store)
+    }
+
+    pub fn salt(&self) -> &[u8; 32] {
+        &self.salt
+    }
+
+    fn tree(&self, i: usize) -> &sled::Tree {
+        &self.trees[i]
+    }
+
+    /// Waits until every write made before `ticket` was taken is on disk.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        self.flusher.wait(ticket).await
+    }
+
+    /// A ticket for everything written so far.
+    pub fn ticket(&self) -> Ticket {
+        self.flusher.ticket()
+    }
+
+    /// Flushes everything and stops the flusher thread.
+    pub fn close(&self) -> Result<(), StoreError> {
+        let t = self.flusher.ticket();
+        let r = self.flusher.wait_blocking(t);
+        self.flusher.stop();
+        let thread = self
+            .flusher_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        r
+    }
+
+    pub fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        match self.tree(tx::RECORDS).get(id.as_bytes())? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn request_body(&self, rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
+        self.read_chunks(&rec.id, keys::Body::Request, rec.body_len)
+    }
+
+    pub fn sealed_credential(&self, id: &RequestId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree(tx::SEALED)
+            .get(id.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Whether any credential is sealed: then the key file must exist.
+    pub fn has_sealed_credentials(&self) -> Result<bool, StoreError> {
+        Ok(self.tree(tx::SEALED).first()?.is_some())
+    }
+
+    /// The stored response head and, unless it was too large, its body.
+    pub fn response(&self, id: &RequestId) -> Result<Option<(ResponseHead, Vec<u8>)>, StoreError> {
+        let Some(v) = self.tree(tx::RESPONSES).get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let head: ResponseHead = codec::decode(&v)?;
+        let body = self.read_chunks(id, keys::Body::Response, head.body_len)?;
+        Ok(Some((head, body)))
+    }
+
+    fn read_chunks(
+        &self,
+        id: &RequestId,
+        body: keys::Body,
+        len: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(len as usize);
+        for i in 0..keys::chunk_count(len) {
+            let chunk = self
+                .tree(tx::CHUNKS)
+                .get(keys::chunk(id, body, i))?
+                .ok_or_else(|| StoreError::Codec(format!("{id}: body chunk {i} missing")))?;
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Lanes with queued requests: one seek per lane, not a scan of queues.
+    pub fn pending_lanes(&self) -> Result<Vec<LaneKey>, StoreError> {
+        let lanes = self.tree(tx::LANES);
+        let mut out = Vec::new();
+        let mut next = lanes.first()?;
+        while let Some((k, _)) = next {
+            let Ok(lane) = <LaneKey>::try_from(&k[..32.min(k.len())]) else {
+                break;
+            };
+            out.push(lane);
+            next = match keys::lane_end(&lane) {
+                Some(end) => lanes.range(end..).next().transpose()?,
+                None => None,
+            };
+        }
+        Ok(out)
+    }
+
+    /// Requests in a status, oldest first, after `after` (paging).
+    pub fn list(
+        &self,
+        status: Status,
+        after: Option<&RequestId>,
+        limit: usize,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let start = match after {
+            Some(id) => keys::status(status, id).to_vec(),
+            None => vec![status.code()],
+        };
+        let mut out = Vec::new();
+        for item in self.tree(tx::BY_STATUS).range(start..) {
+            let (k, _) = item?;
+            if k.first() != Some(&status.code()) || out.len() >= limit {
+                break;
+            }
+            let Some(id) = keys::id_from(&k[1..]) else {
+                continue;
+            };
+            if Some(&id) == after {
+                continue;
+            }
+            if let Some(rec) = self.get(&id)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many requests are in each status, from the persisted counters.
+    pub fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
+        Status::ALL
+            .iter()
+            .map(|&s| {
+                let n = self.tree(tx::COUNTERS).get([s.code()])?;
+                Ok((s, n.map(|v| codec::u64_be(&v)).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// When the earliest pending callback is due.
+    pub fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree(tx::CALLBACKS)
+            .first()?
+            .and_then(|(k, _)| keys::split_timed(&k))
+            .map(|(at, _)| at))
+    }
+
+    /// Callbacks due by `now_ms`: (due at, id, attempts so far).
+    pub fn due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RequestId, u32)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(tx::CALLBACKS).iter() {
+            let (k, v) = item?;
+            let Some((at, id)) = keys::split_timed(&k) else {
+                continue;
+            };
+            if at > now_ms || out.len() >= limit {
+                break;
+            }
+            out.push((at, id, codec::decode(&v).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// When the earliest retention ends.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree(tx::EXPIRY)
+            .first()?
+            .and_then(|(k, _)| keys::split_timed(&k))
+            .map(|(at, _)| at))
+    }
+
+    /// Ids whose retention ended by `now_ms`, oldest first.
+    pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(tx::EXPIRY).iter() {
+            let (k, _) = item?;
+            let Some((at, id)) = keys::split_timed(&k) else {
+                continue;
+            };
+            if at > now_ms || out.len() >= limit {
+                break;
+            }
+            out.push((at, id));
+        }
+        Ok(out)
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn classify_open_error(e: sled::Error, path: &Path) -> StoreError {
+    match &e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            StoreError::Locked(path.to_path_buf())
+        }
+        sled::Error::Io(io) if io.to_string().contains("lock") => {
+            StoreError::Locked(path.to_path_buf())
+        }
+        _ => StoreError::Sled(e),
+    }
+}
+
+fn load_or_make_salt(db: &sled::Db) -> Result<[u8; 32], StoreError> {
+    if let Some(v) = db.get("salt")? {
+        return <[u8; 32]>::try_from(v.as_ref())
+            .map_err(|_| StoreError::Codec("salt has the wrong length".into()));
+    }
+    let mut salt = [0u8; 32];
+    getrandom::getrandom(&mut salt)
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    db.insert("salt", &salt[..])?;
+    Ok(salt)
+}
+
+#[cfg(test)]
+mod tests;

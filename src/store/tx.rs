@@ -1,0 +1,420 @@
+//! Every state change, each one sled transaction over the trees it touches.
+//! Closures have no side effects (sled may run them again) and every status
+//! change is fenced: it checks the record's status and claim count first, so
+//! a stale claim can never overwrite a newer state.
+
+use sled::transaction::{
+    ConflictableTransactionError as Conflict, TransactionError, TransactionalTree,
+};
+use sled::{IVec, Transactional};
+
+use super::keys::{self, Body, CHUNK};
+use super::{Store, StoreError, Ticket, codec};
+use crate::model::{
+    Callback, Header, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead, Status,
+};
+
+pub(super) const RECORDS: usize = 0;
+pub(super) const CHUNKS: usize = 1;
+pub(super) const RESPONSES: usize = 2;
+pub(super) const SEALED: usize = 3;
+pub(super) const LANES: usize = 4;
+pub(super) const BY_STATUS: usize = 5;
+pub(super) const EXPIRY: usize = 6;
+pub(super) const CALLBACKS: usize = 7;
+pub(super) const COUNTERS: usize = 8;
+
+type TxResult<T> = Result<T, Conflict<StoreError>>;
+
+/// The transactional view of all trees.
+struct Tx<'a>(&'a [TransactionalTree]);
+
+impl Tx<'_> {
+    fn t(&self, i: usize) -> &TransactionalTree {
+        &self.0[i]
+    }
+
+    fn record(&self, id: &RequestId) -> TxResult<Option<RequestRecord>> {
+        match self.t(RECORDS).get(id.as_bytes())? {
+            Some(v) => Ok(Some(codec::decode(&v).map_err(Conflict::Abort)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&self, rec: &RequestRecord) -> TxResult<()> {
+        let v = codec::encode(rec).map_err(Conflict::Abort)?;
+        self.t(RECORDS).insert(rec.id.as_bytes(), v)?;
+        Ok(())
+    }
+
+    /// Moves `rec` to `to`, keeping the status index and counters in step.
+    fn set_status(&self, rec: &mut RequestRecord, to: Status) -> TxResult<()> {
+        if rec.status != to {
+            self.index_status(rec.status, &rec.id, false)?;
+        }
+        rec.status = to;
+        self.index_status(to, &rec.id, true)
+    }
+
+    fn index_status(&self, status: Status, id: &RequestId, add: bool) -> TxResult<()> {
+        let key = keys::status(status, id);
+        let present = self.t(BY_STATUS).get(key)?.is_some();
+        if present == add {
+            return Ok(());
+        }
+        if add {
+            self.t(BY_STATUS).insert(&key, &[][..])?;
+        } else {
+            self.t(BY_STATUS).remove(&key)?;
+        }
+        let counter = [status.code()];
+        let n = self
+            .t(COUNTERS)
+            .get(counter)?
+            .map(|v| codec::u64_be(&v))
+            .unwrap_or(0);
+        let n = if add { n + 1 } else { n.saturating_sub(1) };
+        self.t(COUNTERS).insert(&counter, &n.to_be_bytes())?;
+        Ok(())
+    }
+
+    fn put_chunks(&self, id: &RequestId, body: Body, bytes: &[u8]) -> TxResult<()> {
+        for (i, c) in bytes.chunks(CHUNK).enumerate() {
+            self.t(CHUNKS).insert(&keys::chunk(id, body, i as u32), c)?;
+        }
+        Ok(())
+    }
+
+    fn drop_chunks(&self, id: &RequestId, body: Body, len: u64) -> TxResult<()> {
+        for i in 0..keys::chunk_count(len) {
+            self.t(CHUNKS).remove(&keys::chunk(id, body, i))?;
+        }
+        Ok(())
+    }
+
+    /// Ends a request's life in `status` at `now_ms`; retention starts.
+    fn finish(
+        &self,
+        rec: &mut RequestRecord,
+        status: Status,
+        now_ms: u64,
+        keep_ms: u64,
+    ) -> TxResult<()> {
+        let expires = now_ms.saturating_add(keep_ms);
+        rec.finished_ms = Some(now_ms);
+        rec.expires_ms = Some(expires);
+        self.t(EXPIRY)
+            .insert(&keys::timed(expires, &rec.id), &[][..])?;
+        self.set_status(rec, status)
+    }
+
+    /// The record, if it is in `status` under claim `claims`.
+    fn fenced(
+        &self,
+        id: &RequestId,
+        status: Status,
+        claims: Option<u32>,
+    ) -> TxResult<Option<RequestRecord>> {
+        Ok(self
+            .record(id)?
+            .filter(|r| r.status == status && claims.is_none_or(|c| c == r.claims)))
+    }
+}
+
+/// What the HTTP layer hands over for a new request.
+pub struct NewRequest {
+    pub id: RequestId,
+    pub lane: LaneKey,
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<Header>,
+    pub body: Vec<u8>,
+    pub callback: Option<Callback>,
+    pub sealed_credential: Vec<u8>,
+    pub now_ms: u64,
+}
+
+/// An upstream answer to store.
+pub struct Completion {
+    pub sent_ms: u64,
+    pub outcome: Outcome,
+    pub head: ResponseHead,
+    /// Empty when the body was too large to keep.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub requeued: usize,
+    pub unknown: usize,
+}
+
+impl Store {
+    fn transact<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, StoreError> {
+        self.trees[..]
+            .transaction(|trees| f(&Tx(trees)))
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })
+    }
+
+    /// Stores a new request at the tail of its lane.
+    pub fn enqueue(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
+        let rec = RequestRecord {
+            id: new.id,
+            seq: self.db.generate_id()?,
+            lane: new.lane,
+            method: new.method,
+            target: new.target,
+            headers: new.headers,
+            body_len: new.body.len() as u64,
+            callback: new.callback,
+            created_ms: new.now_ms,
+            status: Status::Enqueued,
+            started_ms: None,
+            claims: 0,
+            outcome: None,
+            finished_ms: None,
+            expires_ms: None,
+        };
+        self.transact(|tx| {
+            let mut r = rec.clone();
+            tx.put_chunks(&r.id, Body::Request, &new.body)?;
+            tx.t(SEALED)
+                .insert(r.id.as_bytes(), new.sealed_credential.as_slice())?;
+            tx.t(LANES)
+                .insert(&keys::lane(&r.lane, r.seq)[..], r.id.as_bytes())?;
+            tx.set_status(&mut r, Status::Enqueued)?;
+            tx.put(&r)
+        })?;
+        Ok((rec, self.flusher.ticket()))
+    }
+
+    /// Takes the head of `lane`: it becomes `started`. Send it only once the
+    /// ticket is durable. `None` when the lane is empty.
+    pub fn claim_next(
+        &self,
+        lane: &LaneKey,
+        now_ms: u64,
+    ) -> Result<Option<(RequestRecord, Ticket)>, StoreError> {
+        loop {
+            let Some((key, id)) = self.tree(LANES).scan_prefix(lane).next().transpose()? else {
+                return Ok(None);
+            };
+            let Some(id) = keys::id_from(&id) else {
+                log::error!("lane entry with a malformed id; dropping it");
+                self.tree(LANES).remove(&key)?;
+                continue;
+            };
+            let claimed = self.transact(|tx| {
+                if tx.t(LANES).get(&key)?.is_none() {
+                    return Ok(None); // taken meanwhile: look again
+                }
+                tx.t(LANES).remove(&key)?;
+                let Some(mut rec) = tx.fenced(&id, Status::Enqueued, None)? else {
+                    return Ok(Some(None)); // a stale entry: dropped
+                };
+                rec.claims += 1;
+                rec.started_ms = Some(now_ms);
+                tx.set_status(&mut rec, Status::Started)?;
+                tx.put(&rec)?;
+                Ok(Some(Some(rec)))
+            });
+            match claimed {
+                Ok(Some(Some(rec))) => return Ok(Some((rec, self.flusher.ticket()))),
+                Ok(_) => continue,
+                Err(StoreError::Codec(e)) => {
+                    log::error!("request {id} is unreadable ({e}); quarantined off its lane");
+                    self.tree(LANES).remove(&key)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Puts a claimed request back at its old place, the head of its lane:
+    /// it was refused (429) or never sent. False if the claim is stale.
+    pub fn requeue(&self, id: &RequestId, claims: u32) -> Result<bool, StoreError> {
+        self.transact(|tx| {
+            let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
+                return Ok(false);
+            };
+            rec.started_ms = None;
+            tx.t(LANES)
+                .insert(&keys::lane(&rec.lane, rec.seq)[..], id.as_bytes())?;
+            tx.set_status(&mut rec, Status::Enqueued)?;
+            tx.put(&rec)?;
+            Ok(true)
+        })
+    }
+
+    /// Stores the answer: `done`, response kept, credential deleted, the
+    /// callback scheduled. `None` if the claim is stale.
+    pub fn complete(
+        &self,
+        id: &RequestId,
+        claims: u32,
+        done: &Completion,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<Option<Ticket>, StoreError> {
+        let head = codec::encode(&done.head)?;
+        let stored = self.transact(|tx| {
+            let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
+                return Ok(false);
+            };
+            rec.started_ms = Some(done.sent_ms);
+            rec.outcome = Some(done.outcome.clone());
+            tx.t(RESPONSES).insert(id.as_bytes(), head.as_slice())?;
+            tx.put_chunks(id, Body::Response, &done.body)?;
+            tx.drop_chunks(id, Body::Request, rec.body_len)?;
+            rec.body_len = 0;
+            tx.t(SEALED).remove(id.as_bytes())?;
+            if rec.callback.is_some() {
+                let attempts = codec::encode(&0u32).map_err(Conflict::Abort)?;
+                tx.t(CALLBACKS).insert(&keys::timed(now_ms, id), attempts)?;
+            }
+            tx.finish(&mut rec, Status::Done, now_ms, retention_ms)?;
+            tx.put(&rec)?;
+            Ok(true)
+        })?;
+        Ok(stored.then(|| self.flusher.ticket()))
+    }
+
+    /// A non-idempotent request that may have run: it waits for an operator.
+    pub fn mark_unknown(
+        &self,
+        id: &RequestId,
+        claims: u32,
+        now_ms: u64,
+        keep_ms: u64,
+    ) -> Result<Option<Ticket>, StoreError> {
+        let changed = self.transact(|tx| {
+            let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
+                return Ok(false);
+            };
+            tx.finish(&mut rec, Status::Unknown, now_ms, keep_ms)?;
+            tx.put(&rec)?;
+            Ok(true)
+        })?;
+        Ok(changed.then(|| self.flusher.ticket()))
+    }
+
+    /// Start-up recovery: whatever was `started` when the last process died
+    /// goes back to its lane (idempotent methods) or becomes `unknown`.
+    /// Reads only the `started` index, never every record.
+    pub fn recover(&self, now_ms: u64, unknown_keep_ms: u64) -> Result<Recovered, StoreError> {
+        let mut report = Recovered::default();
+        let started: Vec<IVec> = self
+            .tree(BY_STATUS)
+            .scan_prefix([Status::Started.code()])
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in started {
+            let Some(id) = keys::id_from(&key[1..]) else {
+                continue;
+            };
+            let Some(rec) = self.get(&id)? else {
+                self.tree(BY_STATUS).remove(&key)?;
+                continue;
+            };
+            if crate::model::is_idempotent(&rec.method) {
+                self.requeue(&id, rec.claims)?;
+                report.requeued += 1;
+            } else {
+                let _ = self.mark_unknown(&id, rec.claims, now_ms, unknown_keep_ms)?;
+                report.unknown += 1;
+            }
+        }
+        let ticket = self.flusher.ticket();
+        self.flusher.wait_blocking(ticket)?;
+        Ok(report)
+    }
+
+    /// The callback was answered 2xx (or can no longer be delivered).
+    pub fn callback_finished(&self, due_ms: u64, id: &RequestId) -> Result<Ticket, StoreError> {
+        self.tree(CALLBACKS).remove(keys::timed(due_ms, id))?;
+        Ok(self.flusher.ticket())
+    }
+
+    /// Moves a failed callback to its next due time.
+    pub fn callback_retry(
+        &self,
+        due_ms: u64,
+        id: &RequestId,
+        next_ms: u64,
+        attempts: u32,
+    ) -> Result<(), StoreError> {
+        let attempts = codec::encode(&attempts)?;
+        self.transact(|tx| {
+            tx.t(CALLBACKS).remove(&keys::timed(due_ms, id))?;
+            tx.t(CALLBACKS)
+                .insert(&keys::timed(next_ms, id), attempts.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Deletes a request and everything stored for it. With `only_finished`
+    /// it refuses (false) while the request is `enqueued` or `started`.
+    pub fn delete(&self, id: &RequestId, only_finished: bool) -> Result<bool, StoreError> {
+        let head = self.tree(RESPONSES).get(id.as_bytes())?;
+        let head: Option<ResponseHead> = head.map(|v| codec::decode(&v)).transpose()?;
+        self.transact(|tx| {
+            let Some(rec) = tx.record(id)? else {
+                return Ok(false);
+            };
+            let running = matches!(rec.status, Status::Enqueued | Status::Started);
+            if only_finished && running {
+                return Ok(false);
+            }
+            if rec.status == Status::Enqueued {
+                tx.t(LANES).remove(&keys::lane(&rec.lane, rec.seq)[..])?;
+            }
+            tx.index_status(rec.status, id, false)?;
+            tx.drop_chunks(id, Body::Request, rec.body_len)?;
+            if let Some(h) = &head {
+                tx.drop_chunks(id, Body::Response, h.body_len)?;
+            }
+            tx.t(RESPONSES).remove(id.as_bytes())?;
+            tx.t(SEALED).remove(id.as_bytes())?;
+            if let Some(e) = rec.expires_ms {
+                tx.t(EXPIRY).remove(&keys::timed(e, id))?;
+            }
+            tx.t(RECORDS).remove(id.as_bytes())?;
+            Ok(true)
+        })
+    }
+
+    /// Drops an expiry entry whose record is already gone.
+    pub fn forget_expiry(&self, at_ms: u64, id: &RequestId) -> Result<(), StoreError> {
+        self.tree(EXPIRY).remove(keys::timed(at_ms, id))?;
+        Ok(())
+    }
+
+    /// An operator's requeue of an `unknown` request: back to the tail of its
+    /// lane, retention cleared. False for any other status.
+    pub fn requeue_unknown(
+        &self,
+        id: &RequestId,
+    ) -> Result<Option<(RequestRecord, Ticket)>, StoreError> {
+        let seq = self.db.generate_id()?;
+        let rec = self.transact(|tx| {
+            let Some(mut rec) = tx.fenced(id, Status::Unknown, None)? else {
+                return Ok(None);
+            };
+            if let Some(e) = rec.expires_ms.take() {
+                tx.t(EXPIRY).remove(&keys::timed(e, id))?;
+            }
+            rec.finished_ms = None;
+            rec.started_ms = None;
+            rec.seq = seq;
+            tx.t(LANES)
+                .insert(&keys::lane(&rec.lane, seq)[..], id.as_bytes())?;
+            tx.set_status(&mut rec, Status::Enqueued)?;
+            tx.put(&rec)?;
+            Ok(Some(rec))
+        })?;
+        Ok(rec.map(|r| (r, self.flusher.ticket())))
+    }
+}

@@ -1,0 +1,72 @@
+//! Retention: deletes requests whose retention has ended, oldest first, in
+//! small batches so submissions never wait behind a big sweep. Reads answer
+//! 404 past retention on their own (`RequestRecord::is_expired`); the sweep
+//! only reclaims space. Its own thread: sled calls block.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::model::now_ms;
+use crate::store::{Store, StoreError};
+
+/// Requests deleted per batch; a pause for other writers follows each.
+const BATCH: usize = 256;
+/// The longest sleep, so retention changes in the store are noticed.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+pub struct Sweeper {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Sweeper {
+    pub fn start(store: Arc<Store>) -> Sweeper {
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("asyncgate-sweeper".into())
+            .spawn(move || {
+                loop {
+                    let wait = match sweep(&store, now_ms(), BATCH) {
+                        Ok(n) if n == BATCH => Duration::from_millis(1),
+                        Ok(_) => until_next(&store),
+                        Err(e) => {
+                            log::error!("retention sweep: {e}");
+                            Duration::from_secs(5)
+                        }
+                    };
+                    match stopped.recv_timeout(wait) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
+                }
+                log::info!("retention sweep stopped");
+            })
+            .expect("spawning the sweeper thread");
+        Sweeper { stop, thread }
+    }
+
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+fn until_next(store: &Store) -> Duration {
+    match store.next_expiry() {
+        Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(10)).min(MAX_IDLE),
+        _ => MAX_IDLE,
+    }
+}
+
+/// Deletes up to `limit` requests expired by `now_ms`; returns how many.
+pub fn sweep(store: &Store, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    let expired = store.expired(now_ms, limit)?;
+    for &(at, id) in &expired {
+        if !store.delete(&id, false)? {
+            store.forget_expiry(at, &id)?;
+        }
+    }
+    Ok(expired.len())
+}

@@ -1,0 +1,214 @@
+//! Sends one stored request upstream with awc and reads the whole answer,
+//! classifying failures by what they prove: nothing sent, maybe sent, or
+//! answered. awc's defaults would break the contract, so each is set:
+//! no decompression and no `Accept-Encoding` of its own, no redirects, no
+//! default headers, the whole exchange under one timeout, the body read
+//! by hand against `--max-response-size`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::{Method, header};
+use awc::error::SendRequestError;
+use futures_util::StreamExt;
+use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::model::{Header, RequestRecord, ResponseHead, end_to_end, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream CA file {0}: {1}")]
+    CaFile(String, String),
+    #[error("--upstream {0}: {1}")]
+    BadBase(String, &'static str),
+}
+
+/// Idle pooled connections are dropped before the upstream would drop them
+/// (actix-web, nginx and most servers wait 5 s or more): a request sent on a
+/// connection the server just closed could not be told apart from one that
+/// failed after it ran.
+const POOL_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// TLS settings: the public web roots plus, optionally, a private CA.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, UpstreamError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let shown = path.display().to_string();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| UpstreamError::CaFile(shown.clone(), e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| UpstreamError::CaFile(shown.clone(), e.to_string()))?;
+        if certs.is_empty() {
+            return Err(UpstreamError::CaFile(shown, "no certificate in it".into()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| UpstreamError::CaFile(shown.clone(), e.to_string()))?;
+        }
+    }
+    let mut config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An awc client with the contract's settings. `!Send`: one per thread.
+pub fn client(tls: Arc<ClientConfig>, connect_timeout: Duration) -> awc::Client {
+    let connector = awc::Connector::new()
+        .rustls_0_23(tls)
+        .timeout(connect_timeout)
+        .handshake_timeout(connect_timeout)
+        .conn_keep_alive(POOL_KEEP_ALIVE);
+    awc::Client::builder()
+        .connector(connector)
+        .disable_redirects()
+        .no_default_headers()
+        .disable_timeout()
+        .finish()
+}
+
+/// Checks `--upstream` and drops a trailing slash.
+pub fn normalize_base(base: &str) -> Result<String, UpstreamError> {
+    let bad = |why| UpstreamError::BadBase(base.to_string(), why);
+    let uri: actix_web::http::Uri = base.parse().map_err(|_| bad("not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(bad("must be an absolute http:// or https:// URL"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("must not have a query string"));
+    }
+    Ok(base.trim_end_matches('/').to_string())
+}
+
+pub struct Upstream {
+    client: awc::Client,
+    base: String,
+    timeout: Duration,
+    max_response: u64,
+}
+
+/// The upstream's whole answer.
+pub struct Answer {
+    pub head: ResponseHead,
+    /// Empty when the body was over the limit and dropped.
+    pub body: Vec<u8>,
+    pub kept: bool,
+    pub sent_ms: u64,
+    pub exec_ms: u64,
+}
+
+pub enum Attempt {
+    Answered(Answer),
+    /// Nothing reached the upstream (connect, DNS, TLS handshake).
+    NotSent(String),
+    /// Sending began, then it failed: the upstream may have acted on it.
+    FailedAfterSend(String),
+}
+
+impl Upstream {
+    pub fn new(client: awc::Client, base: String, timeout: Duration, max_response: u64) -> Self {
+        Upstream {
+            client,
+            base,
+            timeout,
+            max_response,
+        }
+    }
+
+    pub async fn send(
+        &self,
+        rec: &RequestRecord,
+        credential: Option<&[u8]>,
+        body: Vec<u8>,
+    ) -> Attempt {
+        let method = match Method::from_bytes(rec.method.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Attempt::NotSent(format!("invalid method {:?}", rec.method)),
+        };
+        let url = format!("{}/api/{}", self.base, rec.target);
+        let mut req = self.client.request(method, url).no_decompress();
+        let headers = req.headers_mut();
+        for (name, value) in &rec.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        if let Some(c) = credential {
+            match HeaderValue::from_bytes(c) {
+                Ok(v) => {
+                    headers.insert(header::AUTHORIZATION, v);
+                }
+                Err(_) => {
+                    return Attempt::NotSent("stored credential is not a header value".into());
+                }
+            }
+        }
+        let sent_ms = now_ms();
+        let started = Instant::now();
+        let exchange = async {
+            let mut res = req.send_body(body).await.map_err(classify)?;
+            let code = res.status().as_u16();
+            let headers = stored_headers(res.headers());
+            let mut body = Vec::new();
+            let mut len = 0u64;
+            while let Some(chunk) = res.next().await {
+                let chunk = chunk
+                    .map_err(|e| Attempt::FailedAfterSend(format!("reading the body: {e}")))?;
+                len += chunk.len() as u64;
+                if len <= self.max_response {
+                    body.extend_from_slice(&chunk);
+                } else {
+                    body = Vec::new(); // read on, so the exchange completes
+                }
+            }
+            let kept = len <= self.max_response;
+            Ok::<_, Attempt>((code, headers, body, len, kept))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => {
+                Attempt::FailedAfterSend(format!("no whole answer within {:?}", self.timeout))
+            }
+            Ok(Err(attempt)) => attempt,
+            Ok(Ok((code, headers, body, len, kept))) => Attempt::Answered(Answer {
+                head: ResponseHead {
+                    code,
+                    headers,
+                    body_len: if kept { len } else { 0 },
+                },
+                body,
+                kept,
+                sent_ms,
+                exec_ms: started.elapsed().as_millis() as u64,
+            }),
+        }
+    }
+}
+
+/// Only a failure to connect proves nothing was sent.
+fn classify(e: SendRequestError) -> Attempt {
+    match e {
+        SendRequestError::Connect(c) => Attempt::NotSent(format!("connect: {c}")),
+        SendRequestError::Url(u) => Attempt::NotSent(format!("url: {u}")),
+        SendRequestError::Http(h) => Attempt::NotSent(format!("request: {h}")),
+        SendRequestError::TunnelNotSupported => Attempt::NotSent("tunnel not supported".into()),
+        other => Attempt::FailedAfterSend(other.to_string()),
+    }
+}
+
+/// Response headers as stored: end to end, in order, every value.
+fn stored_headers(res_headers: &awc::http::header::HeaderMap) -> Vec<Header> {
+    end_to_end(
+        res_headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        &[],
+    )
+}
