@@ -13,8 +13,9 @@ use crate::store::{Store, StoreError};
 
 /// Requests deleted per batch; a pause for other writers follows each.
 const BATCH: usize = 256;
-/// The longest sleep, so retention changes in the store are noticed.
-const MAX_IDLE: Duration = Duration::from_secs(60);
+/// The longest sleep: new expiries are noticed within it (one cheap
+/// look at the expiry index a second).
+const MAX_IDLE: Duration = Duration::from_secs(1);
 
 pub struct Sweeper {
     stop: mpsc::Sender<()>,

@@ -23,6 +23,8 @@ use crate::model::{Header, RequestRecord, ResponseHead, end_to_end, now_ms};
 pub enum UpstreamError {
     #[error("upstream CA file {0}: {1}")]
     CaFile(String, String),
+    #[error("TLS setup: {0}")]
+    Tls(String),
     #[error("--upstream {0}: {1}")]
     BadBase(String, &'static str),
 }
@@ -52,7 +54,12 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, UpstreamE
                 .map_err(|e| UpstreamError::CaFile(shown.clone(), e.to_string()))?;
         }
     }
-    let mut config = ClientConfig::builder()
+    // The provider is named, not inferred: a second one enabled anywhere in
+    // the build would make inference fail at run time.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -12,10 +12,6 @@ fn limits(concurrency: usize, per_lane: usize, rps: Option<u32>) -> Limits {
     }
 }
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 /// Dispatches and immediately finishes (answered) everything possible at
 /// `now`, returning the lanes served in order.
 fn serve_round(s: &mut Scheduler, now: Instant) -> Vec<LaneKey> {

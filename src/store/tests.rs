@@ -68,7 +68,7 @@ fn lanes_are_fifo_and_survive_a_reopen() {
                     .id
             })
             .collect();
-        s.enqueue(new_request(2, "POST", vec![], false)).unwrap();
+        let _ = s.enqueue(new_request(2, "POST", vec![], false)).unwrap();
         s.close().unwrap();
         ids
     };
@@ -165,8 +165,8 @@ fn recovery_requeues_safe_methods_and_marks_the_rest_unknown() {
     let s = open(dir.path());
     let post = s.enqueue(new_request(1, "POST", vec![], false)).unwrap().0;
     let get = s.enqueue(new_request(2, "GET", vec![], false)).unwrap().0;
-    s.claim_next(&post.lane, 5).unwrap().unwrap();
-    s.claim_next(&get.lane, 5).unwrap().unwrap();
+    let _ = s.claim_next(&post.lane, 5).unwrap().unwrap();
+    let _ = s.claim_next(&get.lane, 5).unwrap().unwrap();
     assert_eq!(
         s.recover(50, 1_000).unwrap(),
         Recovered {

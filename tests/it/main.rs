@@ -1,0 +1,11 @@
+//! Integration tests: one crate (one link) for all of them. Each test
+//! starts the real gateway on port 0 with a temporary data dir in front of
+//! a fake upstream it scripts.
+
+mod callback;
+mod execute;
+mod helpers;
+mod ops;
+mod retention;
+mod submit;
+mod tls;
