@@ -117,6 +117,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         metrics,
         max_body_size: args.max_body_size,
         public_url: args.public_url.clone(),
+        admin_token: args.admin_token.clone(),
     });
     let mut server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))

@@ -24,6 +24,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the gateway together with a bundled demo upstream (for trying it).
     Demo(DemoArgs),
+    /// Examine and settle `unknown` requests through a running gateway's
+    /// admin API.
+    Admin(AdminArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -121,6 +124,44 @@ pub struct GatewayArgs {
     /// HTTP worker threads [default: one per core].
     #[arg(long, env = "ASYNCGATE_WORKERS")]
     pub workers: Option<usize>,
+
+    /// Enables the admin API (`/admin/...`) behind `Authorization: Bearer
+    /// <token>`; without it `/admin/...` answers 404.
+    #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// Base URL of the running gateway.
+    #[arg(long, env = "ASYNCGATE_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// The gateway's `--admin-token`.
+    #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+
+    #[command(subcommand)]
+    pub action: AdminAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminAction {
+    /// List requests in a status, oldest first (JSON).
+    List {
+        /// enqueued, started, done or unknown.
+        #[arg(long, default_value = "unknown")]
+        status: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue after this id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Run an `unknown` request once more, at the tail of its queue.
+    Requeue { id: String },
+    /// Delete a `done` or `unknown` request and its response.
+    Delete { id: String },
 }
 
 impl GatewayArgs {

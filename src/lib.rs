@@ -23,7 +23,9 @@
 //! - [`crypto`]: sealing credentials at rest, salted ownership hashes.
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
 //! - [`demo`]: the bundled demo upstream behind `asyncgate demo`.
+//! - [`admin_cli`]: `asyncgate admin ...`, an operator's client.
 
+pub mod admin_cli;
 pub mod app;
 pub mod callback;
 pub mod config;

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use asyncgate::config::{Cli, Command};
-use asyncgate::{app, demo};
+use asyncgate::{admin_cli, app, demo};
 
 #[actix_web::main]
 async fn main() {
@@ -13,6 +13,16 @@ async fn main() {
             Err(e) => Err(e),
         },
         Command::Demo(args) => demo::run(&args).await,
+        Command::Admin(args) => match admin_cli::run(&args).await {
+            Ok(body) => {
+                println!("{body}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("asyncgate admin: {e}");
+                std::process::exit(1);
+            }
+        },
     };
     if let Err(e) = result {
         eprintln!("asyncgate: {e}");

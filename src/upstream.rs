@@ -178,6 +178,17 @@ impl Upstream {
                     body = Vec::new(); // read on, so the exchange completes
                 }
             }
+            // awc 3 ends the body stream quietly when the connection closes
+            // early (its `PlStream` maps EOF to the end of the body), so a
+            // cut is caught here by the declared length. A chunked body cut
+            // between chunks cannot be told apart this way (README, Limits).
+            if let Some(declared) = declared_length(&rec.method, code, &headers)
+                && declared != len
+            {
+                return Err(Attempt::FailedAfterSend(format!(
+                    "the connection closed after {len} of {declared} body bytes"
+                )));
+            }
             let kept = len <= self.max_response;
             Ok::<_, Attempt>((code, headers, body, len, kept))
         };
@@ -199,6 +210,18 @@ impl Upstream {
             }),
         }
     }
+}
+
+/// The body length a response announced, where it must match what came:
+/// not for HEAD requests, 1xx, 204 or 304 (no body follows those).
+fn declared_length(method: &str, code: u16, headers: &[Header]) -> Option<u64> {
+    if method == "HEAD" || code < 200 || code == 204 || code == 304 {
+        return None;
+    }
+    headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
 }
 
 /// Only a failure to connect proves nothing was sent.

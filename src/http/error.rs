@@ -19,6 +19,10 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("the body is larger than the limit of {0} bytes")]
     BodyTooLarge(u64),
+    #[error("this needs the admin token: Authorization: Bearer <--admin-token>")]
+    Unauthorized,
+    #[error("{0}")]
+    Conflict(String),
     #[error("the response was larger than --max-response-size and was not kept")]
     ResponseTooLarge,
     #[error("the request body could not be read: {0}")]
@@ -43,6 +47,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BadRequest { code, .. } => code,
             ApiError::BodyTooLarge(_) => "body_too_large",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Conflict(_) => "conflict",
             ApiError::ResponseTooLarge => "response_too_large",
             ApiError::BodyUnreadable(_) => "body_unreadable",
             ApiError::Store(StoreError::Codec(_)) => "internal_error",
@@ -59,6 +65,8 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest { .. } | ApiError::BodyUnreadable(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             ApiError::Store(StoreError::Codec(_)) | ApiError::Crypto(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

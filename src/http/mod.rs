@@ -2,6 +2,7 @@
 //! records. Handlers only store and wake the dispatcher; they never call
 //! the upstream.
 
+mod admin;
 mod error;
 mod query;
 mod submit;
@@ -26,6 +27,8 @@ pub struct State {
     pub max_body_size: u64,
     /// Makes `response_url` absolute when set.
     pub public_url: Option<String>,
+    /// `--admin-token`: the admin API exists only when it is set.
+    pub admin_token: Option<String>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -43,7 +46,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::head().to(query::response))
                 .default_service(web::to(method_not_allowed)),
         )
-        // Reserved: never forwarded (a listing endpoint and admin come later).
+        .route("/admin/requests", web::get().to(admin::list))
+        .route("/admin/requests/{id}/requeue", web::post().to(admin::requeue))
+        .route("/admin/requests/{id}", web::delete().to(admin::delete))
+        // Reserved: never forwarded (a listing endpoint comes later).
         .service(
             web::resource([
                 "/async_api/v2/requests.json",

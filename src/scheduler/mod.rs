@@ -3,7 +3,8 @@
 //! pauses learned from the upstream, and backoff. Pure logic: the time is an
 //! argument and nothing here touches the network or the disk, so every rule
 //! is unit-tested exactly. The queues themselves stay on disk; a lane here
-//! is a few counters, so memory is O(credentials + in flight).
+//! is a few counters and the last window's send times, so memory is
+//! O(credentials + in flight + sends per second), never O(queue).
 
 pub mod pacing;
 
@@ -69,7 +70,8 @@ struct Lane {
     outages: u32,
     /// `X-RateLimit-RPS-Limit` as last seen (in memory only).
     learned_rps: Option<u32>,
-    /// Send times inside the window, kept only while a limit applies.
+    /// Send times inside the last window. Kept even before a limit is
+    /// known, so a limit learned mid-second counts the sends already made.
     sent: VecDeque<Instant>,
     /// A quota is used up: one request at a time, as a probe.
     probing: bool,
@@ -85,6 +87,12 @@ impl Lane {
         match (limits.per_lane_rps, self.learned_rps) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    fn forget_sends_before(&mut self, now: Instant) {
+        while self.sent.front().is_some_and(|&t| t + WINDOW <= now) {
+            self.sent.pop_front();
         }
     }
 
@@ -105,10 +113,8 @@ impl Lane {
             }
             self.paused_until = None;
         }
+        self.forget_sends_before(now);
         if let Some(n) = self.rps(limits) {
-            while self.sent.front().is_some_and(|&t| t + WINDOW <= now) {
-                self.sent.pop_front();
-            }
             let n = n as usize;
             if self.sent.len() >= n {
                 return Err(Some(self.sent[self.sent.len() - n] + WINDOW));
@@ -173,9 +179,7 @@ impl Scheduler {
             match lane.ready(now, &self.limits) {
                 Ok(()) => {
                     lane.in_flight += 1;
-                    if lane.rps(&self.limits).is_some() {
-                        lane.sent.push_back(now);
-                    }
+                    lane.sent.push_back(now);
                     self.in_flight += 1;
                     return Next::Dispatch(key);
                 }

@@ -272,3 +272,19 @@ fn a_lost_attempt_that_is_not_requeued_does_not_pause() {
     s.finished(A, now, Feedback::FailedAfterSend { requeued: false });
     assert_eq!(s.next(now), Next::Dispatch(A));
 }
+
+#[test]
+fn sends_before_a_limit_is_learned_count_against_it() {
+    let mut s = Scheduler::new(limits(64, 4, None));
+    let now = Instant::now();
+    s.queued(A);
+    for _ in 0..4 {
+        assert_eq!(s.next(now), Next::Dispatch(A));
+    }
+    let hints = Hints { rps_limit: Some(5), ..Hints::default() };
+    for _ in 0..4 {
+        s.finished(A, now, Feedback::Answered(hints));
+    }
+    assert_eq!(s.next(now), Next::Dispatch(A), "the 5th of this window");
+    assert_eq!(s.next(now), Next::At(now + WINDOW));
+}

@@ -2,6 +2,7 @@
 //! front of a fake upstream each test scripts, and a client with one method
 //! per endpoint.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,8 +86,16 @@ type Script = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
 #[derive(Clone)]
 pub struct Fake {
     pub addr: SocketAddr,
+    shared: Shared,
+}
+
+/// The fake's state, shared with its handlers.
+#[derive(Clone, Default)]
+struct Shared {
     seen: Arc<Mutex<Vec<Seen>>>,
-    script: Arc<Mutex<Arc<Script>>>,
+    script: Arc<Mutex<Option<Arc<Script>>>>,
+    /// Per `Authorization` value: (in flight now, most ever in flight).
+    in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>>,
 }
 
 impl Fake {
@@ -97,25 +106,37 @@ impl Fake {
     pub async fn start_with(
         script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
     ) -> Fake {
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(script)));
-        let (s, sc) = (seen.clone(), script.clone());
+        Fake::start_on("127.0.0.1:0".parse().unwrap(), script).await
+    }
+
+    pub async fn start_on(
+        addr: SocketAddr,
+        script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+    ) -> Fake {
+        let shared = Shared::default();
+        *shared.script.lock().unwrap() = Some(Arc::new(script));
+        let s = shared.clone();
         let server = HttpServer::new(move || {
-            let (s, sc) = (s.clone(), sc.clone());
+            let s = s.clone();
             App::new()
                 .app_data(web::PayloadConfig::new(64 << 20))
                 .default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                    let (s, sc) = (s.clone(), sc.clone());
-                    async move { answer(req, body, s, sc).await }
+                    let s = s.clone();
+                    async move { answer(req, body, s).await }
                 }))
         })
         .workers(2)
         .disable_signals()
-        .bind("127.0.0.1:0")
+        .bind(addr)
         .unwrap();
         let addr = server.addrs()[0];
         actix_web::rt::spawn(server.run());
-        Fake { addr, seen, script }
+        Fake { addr, shared }
+    }
+
+    /// The most requests ever in flight at once for one credential.
+    pub fn max_in_flight(&self, authorization: &str) -> usize {
+        self.shared.in_flight.lock().unwrap().get(authorization).map_or(0, |(_, m)| *m)
     }
 
     pub fn url(&self) -> String {
@@ -123,11 +144,11 @@ impl Fake {
     }
 
     pub fn set(&self, script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) {
-        *self.script.lock().unwrap() = Arc::new(script);
+        *self.shared.script.lock().unwrap() = Some(Arc::new(script));
     }
 
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.shared.seen.lock().unwrap().clone()
     }
 
     /// Waits until `n` requests were seen.
@@ -148,12 +169,7 @@ impl Fake {
     }
 }
 
-async fn answer(
-    req: HttpRequest,
-    body: web::Bytes,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    script: Arc<Mutex<Arc<Script>>>,
-) -> HttpResponse {
+async fn answer(req: HttpRequest, body: web::Bytes, shared: Shared) -> HttpResponse {
     let s = Seen {
         method: req.method().to_string(),
         uri: req.uri().to_string(),
@@ -166,15 +182,23 @@ async fn answer(
         at: Instant::now(),
     };
     let index = {
-        let mut all = seen.lock().unwrap();
+        let mut all = shared.seen.lock().unwrap();
         all.push(s.clone());
         all.len() - 1
     };
-    let script = script.lock().unwrap().clone();
+    let who = s.header("authorization").unwrap_or_default().to_string();
+    {
+        let mut f = shared.in_flight.lock().unwrap();
+        let e = f.entry(who.clone()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+    }
+    let script = shared.script.lock().unwrap().clone().expect("a script");
     let reply = script(&s, index);
     if !reply.delay.is_zero() {
         actix_web::rt::time::sleep(reply.delay).await;
     }
+    shared.in_flight.lock().unwrap().entry(who).or_default().0 -= 1;
     let mut res = HttpResponse::build(StatusCode::from_u16(reply.status).unwrap());
     for (n, v) in reply.headers {
         res.append_header((n, v));
@@ -393,6 +417,27 @@ pub async fn raw_request(addr: SocketAddr, request: Vec<u8>) -> String {
     })
     .await
     .unwrap()
+}
+
+/// A server that reads one request per connection, writes `partial` (the
+/// start of an answer) and closes the connection: a failure after
+/// sending. Counts connections.
+pub fn half_answer_server(partial: &'static [u8]) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(partial);
+        }
+    });
+    (addr, count)
 }
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;

@@ -4,6 +4,7 @@
 
 mod callback;
 mod execute;
+mod failures;
 mod helpers;
 mod ops;
 mod retention;
