@@ -18,7 +18,11 @@ pub enum AdminError {
 pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
     let base = args.url.trim_end_matches('/');
     let (method, url) = match &args.action {
-        AdminAction::List { status, limit, after } => {
+        AdminAction::List {
+            status,
+            limit,
+            after,
+        } => {
             let mut q = vec![("status", status.clone()), ("limit", limit.to_string())];
             if let Some(a) = after {
                 q.push(("after", a.clone()));
@@ -29,7 +33,9 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
         AdminAction::Requeue { id } => ("POST", format!("{base}/admin/requests/{id}/requeue")),
         AdminAction::Delete { id } => ("DELETE", format!("{base}/admin/requests/{id}")),
     };
-    let client = awc::Client::builder().timeout(Duration::from_secs(30)).finish();
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish();
     let method = awc::http::Method::from_bytes(method.as_bytes()).unwrap_or_default();
     let mut res = client
         .request(method, url.as_str())
@@ -37,11 +43,19 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
         .send()
         .await
         .map_err(|e| AdminError::Unreachable(base.to_string(), e.to_string()))?;
-    let body = res.body().limit(64 << 20).await.map_err(|e| AdminError::Unreachable(base.to_string(), e.to_string()))?;
+    let body = res
+        .body()
+        .limit(64 << 20)
+        .await
+        .map_err(|e| AdminError::Unreachable(base.to_string(), e.to_string()))?;
     let text = String::from_utf8_lossy(&body).into_owned();
     if res.status().is_success() {
         Ok(text)
     } else {
-        Err(AdminError::Refused(base.to_string(), res.status().as_u16(), text))
+        Err(AdminError::Refused(
+            base.to_string(),
+            res.status().as_u16(),
+            text,
+        ))
     }
 }

@@ -38,16 +38,29 @@ pub async fn list(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     guard(&req, &state)?;
-    let status: Status = query.status.as_deref().unwrap_or("unknown").parse().map_err(|_| {
-        ApiError::bad("invalid_status", "status must be enqueued, started, done or unknown")
-    })?;
+    let status: Status = query
+        .status
+        .as_deref()
+        .unwrap_or("unknown")
+        .parse()
+        .map_err(|_| {
+            ApiError::bad(
+                "invalid_status",
+                "status must be enqueued, started, done or unknown",
+            )
+        })?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     let after: Option<RequestId> = match &query.after {
-        Some(a) => Some(a.parse().map_err(|_| ApiError::bad("invalid_after", "after must be a request id"))?),
+        Some(a) => Some(
+            a.parse()
+                .map_err(|_| ApiError::bad("invalid_after", "after must be a request id"))?,
+        ),
         None => None,
     };
     let records = state.store.list(status, after.as_ref(), limit)?;
-    let next = (records.len() == limit).then(|| records.last().map(|r| r.id.to_string())).flatten();
+    let next = (records.len() == limit)
+        .then(|| records.last().map(|r| r.id.to_string()))
+        .flatten();
     let items: Vec<Value> = records.iter().map(item).collect();
     Ok(HttpResponse::Ok().json(json!({"items": items, "next": next})))
 }
@@ -82,7 +95,11 @@ pub async fn requeue(
             log::info!("request {id} requeued by an operator");
             Ok(HttpResponse::build(StatusCode::ACCEPTED).json(item(&rec)))
         }
-        None => Err(conflict_or_missing(&state, &id, "only an unknown request can be requeued")?),
+        None => Err(conflict_or_missing(
+            &state,
+            &id,
+            "only an unknown request can be requeued",
+        )?),
     }
 }
 
@@ -98,7 +115,11 @@ pub async fn delete(
         log::info!("request {id} deleted by an operator");
         return Ok(HttpResponse::NoContent().finish());
     }
-    Err(conflict_or_missing(&state, &id, "an enqueued or started request cannot be deleted")?)
+    Err(conflict_or_missing(
+        &state,
+        &id,
+        "an enqueued or started request cannot be deleted",
+    )?)
 }
 
 /// 409 when the request exists (in the wrong status), else 404.

@@ -47,7 +47,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .route("/admin/requests", web::get().to(admin::list))
-        .route("/admin/requests/{id}/requeue", web::post().to(admin::requeue))
+        .route(
+            "/admin/requests/{id}/requeue",
+            web::post().to(admin::requeue),
+        )
         .route("/admin/requests/{id}", web::delete().to(admin::delete))
         // Reserved: never forwarded (a listing endpoint comes later).
         .service(

@@ -83,6 +83,10 @@ impl Lane {
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
     }
 
+    fn paused_at(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|p| p > now)
+    }
+
     fn rps(&self, limits: &Limits) -> Option<u32> {
         match (limits.per_lane_rps, self.learned_rps) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -213,7 +217,10 @@ impl Scheduler {
                 h
             }
             Feedback::Refused { retry_after, hints } => {
-                lane.refusals += 1;
+                // Attempts in flight together fail together: one step each.
+                if !lane.paused_at(now) {
+                    lane.refusals += 1;
+                }
                 let (base, cap) = REFUSAL_BACKOFF;
                 let wait =
                     retry_after.unwrap_or_else(|| pacing::doubling(base, lane.refusals, cap));
@@ -224,7 +231,9 @@ impl Scheduler {
                 hints
             }
             Feedback::NotSent | Feedback::FailedAfterSend { requeued: true } => {
-                lane.outages += 1;
+                if !lane.paused_at(now) {
+                    lane.outages += 1;
+                }
                 let (base, cap) = OUTAGE_BACKOFF;
                 lane.pause(now, pacing::doubling(base, lane.outages, cap));
                 Hints::default()

@@ -281,10 +281,42 @@ fn sends_before_a_limit_is_learned_count_against_it() {
     for _ in 0..4 {
         assert_eq!(s.next(now), Next::Dispatch(A));
     }
-    let hints = Hints { rps_limit: Some(5), ..Hints::default() };
+    let hints = Hints {
+        rps_limit: Some(5),
+        ..Hints::default()
+    };
     for _ in 0..4 {
         s.finished(A, now, Feedback::Answered(hints));
     }
     assert_eq!(s.next(now), Next::Dispatch(A), "the 5th of this window");
     assert_eq!(s.next(now), Next::At(now + WINDOW));
+}
+
+#[test]
+fn attempts_failing_together_step_the_backoff_once() {
+    let mut s = Scheduler::new(limits(64, 4, None));
+    let now = Instant::now();
+    s.queued(A);
+    for _ in 0..4 {
+        assert_eq!(s.next(now), Next::Dispatch(A));
+    }
+    for _ in 0..4 {
+        s.finished(A, now, Feedback::NotSent);
+    }
+    assert_eq!(s.next(now), Next::At(now + Duration::from_secs(1)));
+    let later = now + Duration::from_secs(1);
+    for _ in 0..4 {
+        assert_eq!(s.next(later), Next::Dispatch(A));
+    }
+    for _ in 0..4 {
+        s.finished(
+            A,
+            later,
+            Feedback::Refused {
+                retry_after: None,
+                hints: Hints::default(),
+            },
+        );
+    }
+    assert_eq!(s.next(later), Next::At(later + Duration::from_secs(1)));
 }

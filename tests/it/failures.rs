@@ -33,7 +33,11 @@ async fn a_post_that_hangs_past_the_timeout_is_unknown_and_a_get_is_retried() {
     assert_eq!(g.json()["response_http_code"], 200);
     assert_eq!(app.response(&get, None).await.body, b"in time");
     actix_web::rt::time::sleep(SECS(3)).await;
-    assert_eq!(seen_before("/api/v2/p"), 1, "a POST that may have run is never sent again");
+    assert_eq!(
+        seen_before("/api/v2/p"),
+        1,
+        "a POST that may have run is never sent again"
+    );
     assert_eq!(seen_before("/api/v2/g"), 2, "a GET is retried");
     assert_eq!(app.status(&post, None).await.json()["status"], "unknown");
     app.stop().await;
@@ -47,18 +51,43 @@ async fn a_connection_cut_mid_answer_is_a_failure_after_sending() {
 async fn cut_mid_answer(partial: &'static [u8]) {
     let (addr, connections) = half_answer_server(partial);
     let app = TestApp::start(&format!("http://{addr}"), &[]).await;
-    let post = app.submit("POST", "/async_api/v2/p", &[("Authorization", "Bearer a")], b"").await;
-    app.wait_for_status(&post, Some("Bearer a"), "unknown", SECS(10)).await;
+    let post = app
+        .submit(
+            "POST",
+            "/async_api/v2/p",
+            &[("Authorization", "Bearer a")],
+            b"",
+        )
+        .await;
+    app.wait_for_status(&post, Some("Bearer a"), "unknown", SECS(10))
+        .await;
     assert_eq!(connections.load(Ordering::SeqCst), 1);
-    let get = app.submit("GET", "/async_api/v2/g", &[("Authorization", "Bearer b")], b"").await;
+    let get = app
+        .submit(
+            "GET",
+            "/async_api/v2/g",
+            &[("Authorization", "Bearer b")],
+            b"",
+        )
+        .await;
     let deadline = std::time::Instant::now() + SECS(10);
     while connections.load(Ordering::SeqCst) < 3 {
-        assert!(std::time::Instant::now() < deadline, "the GET was not retried");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the GET was not retried"
+        );
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     }
     let s = app.status(&get, Some("Bearer b")).await;
-    assert_ne!(s.json()["status"], "unknown", "a GET is never unknown: {s:?}");
-    assert_eq!(app.status(&post, Some("Bearer a")).await.json()["status"], "unknown");
+    assert_ne!(
+        s.json()["status"],
+        "unknown",
+        "a GET is never unknown: {s:?}"
+    );
+    assert_eq!(
+        app.status(&post, Some("Bearer a")).await.json()["status"],
+        "unknown"
+    );
     app.stop().await;
 }
 
@@ -71,20 +100,39 @@ async fn an_upstream_that_is_down_then_up_runs_everything_once() {
     let app = TestApp::start(&format!("http://{addr}"), &[]).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(app.submit("POST", &format!("/async_api/v2/{i}"), &[], b"").await);
+        ids.push(
+            app.submit("POST", &format!("/async_api/v2/{i}"), &[], b"")
+                .await,
+        );
     }
     actix_web::rt::time::sleep(SECS(3)).await;
     for id in &ids {
-        assert_eq!(app.status(id, None).await.json()["status"], "enqueued", "nothing was sent");
+        assert_eq!(
+            app.status(id, None).await.json()["status"],
+            "enqueued",
+            "nothing was sent"
+        );
     }
     let m = String::from_utf8(app.call("GET", "/metrics", &[], b"").await.body).unwrap();
-    assert!(!m.contains("asyncgate_upstream_unreachable_total 0\n"), "{m}");
+    assert!(
+        !m.contains("asyncgate_upstream_unreachable_total 0\n"),
+        "{m}"
+    );
     let up = Fake::start_on(addr, |_, _| Reply::ok("up")).await;
     for id in &ids {
         app.wait_for_status(id, None, "done", SECS(20)).await;
     }
     let mut uris: Vec<String> = up.seen().into_iter().map(|s| s.uri).collect();
     uris.sort();
-    assert_eq!(uris, ["/api/v2/0", "/api/v2/1", "/api/v2/2", "/api/v2/3", "/api/v2/4"]);
+    assert_eq!(
+        uris,
+        [
+            "/api/v2/0",
+            "/api/v2/1",
+            "/api/v2/2",
+            "/api/v2/3",
+            "/api/v2/4"
+        ]
+    );
     app.stop().await;
 }

@@ -96,6 +96,8 @@ struct Shared {
     script: Arc<Mutex<Option<Arc<Script>>>>,
     /// Per `Authorization` value: (in flight now, most ever in flight).
     in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>>,
+    /// Per `Authorization` value: answers other than 429.
+    through: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Fake {
@@ -134,9 +136,25 @@ impl Fake {
         Fake { addr, shared }
     }
 
+    /// Answers other than 429 given to one credential.
+    pub fn through(&self, authorization: &str) -> usize {
+        self.shared
+            .through
+            .lock()
+            .unwrap()
+            .get(authorization)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The most requests ever in flight at once for one credential.
     pub fn max_in_flight(&self, authorization: &str) -> usize {
-        self.shared.in_flight.lock().unwrap().get(authorization).map_or(0, |(_, m)| *m)
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap()
+            .get(authorization)
+            .map_or(0, |(_, m)| *m)
     }
 
     pub fn url(&self) -> String {
@@ -197,6 +215,14 @@ async fn answer(req: HttpRequest, body: web::Bytes, shared: Shared) -> HttpRespo
     let reply = script(&s, index);
     if !reply.delay.is_zero() {
         actix_web::rt::time::sleep(reply.delay).await;
+    }
+    if reply.status != 429 {
+        *shared
+            .through
+            .lock()
+            .unwrap()
+            .entry(who.clone())
+            .or_default() += 1;
     }
     shared.in_flight.lock().unwrap().entry(who).or_default().0 -= 1;
     let mut res = HttpResponse::build(StatusCode::from_u16(reply.status).unwrap());
@@ -422,7 +448,9 @@ pub async fn raw_request(addr: SocketAddr, request: Vec<u8>) -> String {
 /// A server that reads one request per connection, writes `partial` (the
 /// start of an answer) and closes the connection: a failure after
 /// sending. Counts connections.
-pub fn half_answer_server(partial: &'static [u8]) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+pub fn half_answer_server(
+    partial: &'static [u8],
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -2,11 +2,15 @@
 //! starts the real gateway on port 0 with a temporary data dir in front of
 //! a fake upstream it scripts.
 
+mod admin;
 mod callback;
+mod crash;
 mod execute;
 mod failures;
 mod helpers;
 mod ops;
+mod pacing;
+mod process;
 mod retention;
 mod submit;
 mod tls;
