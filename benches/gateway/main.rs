@@ -1,0 +1,349 @@
+//! asyncgate's benchmarks: the release gateway (as a process) against
+//! baselines measured in the same run on the same machine, reported as
+//! ratios (these machines are noisy; absolute numbers drift).
+//!
+//!     cargo bench --bench gateway              # full run, writes benches/RESULTS.md
+//!     cargo bench --bench gateway -- --quick   # seconds; CI runs it so it cannot rot
+//!
+//! Timings never fail anything: the table says which targets were met.
+
+mod load;
+mod servers;
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use asyncgate::model::{Outcome, RequestId, ResponseHead, now_ms};
+use asyncgate::store::{Completion, NewRequest, Store, StoreConfig};
+use load::{Load, Stats, percentile};
+use servers::{Gateway, Upstream};
+
+struct Sizes {
+    load_secs: u64,
+    e2e: usize,
+    dispatch_samples: usize,
+    pending: usize,
+    sweep: usize,
+}
+
+struct Row {
+    scenario: &'static str,
+    figure: String,
+    baseline: String,
+    ratio: Option<f64>,
+    target: &'static str,
+    met: bool,
+}
+
+const BODY_1K: usize = 1024;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick {
+        Sizes { load_secs: 2, e2e: 3_000, dispatch_samples: 50, pending: 5_000, sweep: 5_000 }
+    } else {
+        Sizes { load_secs: 10, e2e: 100_000, dispatch_samples: 500, pending: 1_000_000, sweep: 1_000_000 }
+    };
+    let up_state = Upstream::default();
+    let up = servers::upstream(up_state.clone());
+    let upstream_url = format!("http://{}", up.addr);
+    let mut rows = Vec::new();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let dir = |name: &str| scratch.path().join(name);
+
+    eprintln!("accept ...");
+    rows.push(accept(&sizes, &upstream_url, &up_state, &dir("accept")));
+    eprintln!("status polls ...");
+    rows.push(polls(&sizes, &upstream_url, &up_state, &dir("polls")));
+    eprintln!("end to end ...");
+    rows.push(end_to_end(&sizes, &upstream_url, &up_state, &dir("e2e")));
+    eprintln!("idle dispatch latency ...");
+    rows.extend(dispatch_latency(&sizes, &upstream_url, &up_state, &dir("dispatch")));
+    eprintln!("{} pending ...", sizes.pending);
+    rows.extend(pending(&sizes, &upstream_url, &up_state, &dir("pending")));
+    eprintln!("retention sweep of {} ...", sizes.sweep);
+    rows.push(sweep(&sizes, &upstream_url, &up_state, &dir("sweep-idle"), &dir("sweep")));
+
+    let table = render(&rows);
+    println!("{table}");
+    if !quick {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
+        std::fs::write(path, results_md(&table)).expect("write RESULTS.md");
+        eprintln!("written to {path}");
+    }
+}
+
+fn post_load(url: String, concurrency: usize, requests: usize, secs: u64) -> Load {
+    Load {
+        method: "POST",
+        url,
+        headers: vec![("Authorization".into(), "Bearer bench".into()), ("Content-Type".into(), "application/json".into())],
+        body: vec![b'x'; BODY_1K],
+        concurrency,
+        requests,
+        duration: Duration::from_secs(secs),
+        expect: 202,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn accept(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Row {
+    up.refuse.store(true, Ordering::Relaxed); // nothing runs: accepting only
+    let base = servers::plain_accept();
+    let baseline = load::run(post_load(format!("http://{}/async_api/v2/bench.json", base.addr), 64, usize::MAX, s.load_secs));
+    let (gw, _) = Gateway::start(upstream, data, &[]);
+    let got = load::run(post_load(format!("{}/async_api/v2/bench.json", gw.base), 64, usize::MAX, s.load_secs));
+    let ratio = got.rate() / baseline.rate();
+    let p99 = got.percentile(0.99);
+    Row {
+        scenario: "accept: 1 KiB POSTs, 64 connections, durable 202",
+        figure: format!("{:.0} req/s, p99 {} ({} errors)", got.rate(), ms(p99), got.errors),
+        baseline: format!("plain actix-web handler: {:.0} req/s, p99 {}", baseline.rate(), ms(baseline.percentile(0.99))),
+        ratio: Some(ratio),
+        target: "≥ 0.5×, p99 ≤ 10 ms",
+        met: ratio >= 0.5 && p99 <= Duration::from_millis(10),
+    }
+}
+
+fn submit_one(base: &str, path: &str) -> String {
+    actix_web::rt::System::new().block_on(async {
+        let mut res = awc::Client::default()
+            .post(format!("{base}{path}"))
+            .insert_header(("Authorization", "Bearer bench"))
+            .send_body("{}")
+            .await
+            .expect("submit");
+        let v: serde_json::Value = res.json().await.expect("json");
+        v["id"].as_str().expect("id").to_string()
+    })
+}
+
+fn polls(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Row {
+    up.refuse.store(false, Ordering::Relaxed);
+    let (gw, _) = Gateway::start(upstream, data, &[]);
+    let id = submit_one(&gw.base, "/async_api/v2/polled.json");
+    std::thread::sleep(Duration::from_millis(500));
+    let get = |url: String, expect: u16| Load {
+        method: "GET",
+        url,
+        headers: vec![("Authorization".into(), "Bearer bench".into())],
+        body: vec![],
+        concurrency: 64,
+        requests: usize::MAX,
+        duration: Duration::from_secs(s.load_secs),
+        expect,
+    };
+    let base = servers::small_json();
+    let baseline = load::run(get(format!("http://{}/status.json", base.addr), 200));
+    let got = load::run(get(format!("{}/async_api/v2/requests/{id}.json", gw.base), 303));
+    let ratio = got.rate() / baseline.rate();
+    Row {
+        scenario: "status polls of a done request (303), 64 connections",
+        figure: format!("{:.0} req/s, p99 {} ({} errors)", got.rate(), ms(got.percentile(0.99)), got.errors),
+        baseline: format!("actix-web small JSON: {:.0} req/s", baseline.rate()),
+        ratio: Some(ratio),
+        target: "≥ 0.7×",
+        met: ratio >= 0.7,
+    }
+}
+
+fn end_to_end(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Row {
+    // Baseline: the same requests straight to the upstream with awc.
+    up.refuse.store(false, Ordering::Relaxed);
+    let mut direct = post_load(format!("{upstream}/api/v2/bench.json"), 64, s.e2e, 600);
+    direct.expect = 200;
+    let baseline = load::run(direct);
+    // Queue them while the upstream refuses (the lane pauses for an hour)...
+    up.refuse.store(true, Ordering::Relaxed);
+    let flags = ["--per-credential-concurrency", "64"];
+    let (gw, _) = Gateway::start(upstream, data, &flags);
+    let queued = load::run(post_load(format!("{}/async_api/v2/bench.json", gw.base), 64, s.e2e, 600));
+    gw.stop();
+    // ...then drain them through the fast upstream from a fresh start.
+    up.refuse.store(false, Ordering::Relaxed);
+    up.count.store(0, Ordering::Relaxed);
+    let t = Instant::now();
+    let (gw, _) = Gateway::start(upstream, data, &flags);
+    while up.count.load(Ordering::Relaxed) < queued.done {
+        assert!(t.elapsed() < Duration::from_secs(1800), "drain stalled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rate = queued.done as f64 / t.elapsed().as_secs_f64();
+    drop(gw);
+    let ratio = rate / baseline.rate();
+    Row {
+        scenario: "end to end: queued requests drained through a fast upstream",
+        figure: format!("{} drained at {rate:.0}/s", queued.done),
+        baseline: format!("direct awc to the upstream: {:.0}/s", baseline.rate()),
+        ratio: Some(ratio),
+        target: "≥ 0.25×",
+        met: ratio >= 0.25,
+    }
+}
+
+fn dispatch_latency(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Vec<Row> {
+    up.refuse.store(false, Ordering::Relaxed);
+    let (gw, _) = Gateway::start(upstream, data, &[]);
+    up.arrivals.lock().expect("arrivals").clear();
+    up.record.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    actix_web::rt::System::new().block_on(async {
+        let client = awc::Client::default();
+        for _ in 0..s.dispatch_samples {
+            let before = up.arrivals.lock().expect("arrivals").len();
+            let t = Instant::now();
+            let res = client.post(format!("{}/async_api/v2/one.json", gw.base)).send_body("{}").await.expect("submit");
+            assert_eq!(res.status().as_u16(), 202);
+            loop {
+                if let Some(at) = up.arrivals.lock().expect("arrivals").get(before) {
+                    samples.push(*at - t);
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(5), "never dispatched");
+                actix_web::rt::time::sleep(Duration::from_micros(100)).await;
+            }
+            // Idle between samples: the gateway has nothing else to do.
+            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    up.record.store(false, Ordering::Relaxed);
+    samples.sort();
+    let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+    vec![Row {
+        scenario: "idle dispatch latency: submit → upstream sees it",
+        figure: format!("p50 {}, p99 {}", ms(p50), ms(p99)),
+        baseline: "—".into(),
+        ratio: None,
+        target: "p50 ≤ 2 ms, p99 ≤ 10 ms",
+        met: p50 <= Duration::from_millis(2) && p99 <= Duration::from_millis(10),
+    }]
+}
+
+fn pending(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Vec<Row> {
+    up.refuse.store(true, Ordering::Relaxed);
+    let (gw, _) = Gateway::start(upstream, data, &[]);
+    let path = "/async_api/v2/campaigns/{i}.json";
+    let queued: Stats = load::run(post_load(format!("{}{path}", gw.base), 64, s.pending, 3600));
+    let rss = gw.rss_bytes();
+    gw.stop();
+    let disk = servers::disk_usage(data);
+    let payload = (queued.done * (BODY_1K + path.len() + 8)) as u64;
+    let (gw, restart) = Gateway::start(upstream, data, &[]);
+    drop(gw);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let disk_ratio = disk as f64 / payload as f64;
+    vec![Row {
+        scenario: "pending requests (1 KiB bodies), queued and restarted",
+        figure: format!(
+            "{} pending: RSS {:.0} MiB; disk {:.0} MiB for {:.0} MiB payload; restart → serving {}",
+            queued.done,
+            mib(rss),
+            mib(disk),
+            mib(payload),
+            ms(restart)
+        ),
+        baseline: "—".into(),
+        ratio: Some(disk_ratio),
+        target: "RSS ≤ 150 MiB; disk ≤ 2.5× payload; restart ≤ 2 s",
+        met: rss <= 150 << 20 && disk_ratio <= 2.5 && restart <= Duration::from_secs(2),
+    }]
+}
+
+/// Fills a data dir with `n` requests done long ago, already past retention.
+fn populate_expired(data: &std::path::Path, n: usize) {
+    let store = Store::open(&StoreConfig { path: data.to_path_buf(), cache_capacity: 64 << 20 }).expect("open");
+    let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
+    let long_ago = now_ms() - 3 * 86_400_000;
+    for i in 0..n {
+        let (rec, _) = store
+            .enqueue(NewRequest {
+                id: RequestId::generate(),
+                lane,
+                method: "POST".into(),
+                target: format!("v2/old/{i}.json"),
+                headers: vec![("content-type".into(), b"application/json".to_vec())],
+                body: vec![b'x'; BODY_1K],
+                callback: None,
+                sealed_credential: vec![0; 40],
+                now_ms: long_ago,
+            })
+            .expect("enqueue");
+        let (claimed, _) = store.claim_next(&lane, long_ago).expect("claim").expect("queued");
+        let done = Completion {
+            sent_ms: long_ago,
+            outcome: Outcome { code: 200, exec_ms: 3, kept: true },
+            head: ResponseHead { code: 200, headers: vec![], body_len: 100 },
+            body: vec![b'r'; 100],
+        };
+        let _ = store.complete(&rec.id, claimed.claims, &done, long_ago, 86_400_000).expect("complete");
+    }
+    store.close().expect("close");
+}
+
+fn sweep(s: &Sizes, upstream: &str, up: &Upstream, idle_dir: &std::path::Path, data: &std::path::Path) -> Row {
+    up.refuse.store(true, Ordering::Relaxed);
+    populate_expired(data, s.sweep);
+    let steady = |base: &str| load::run(post_load(format!("{base}/async_api/v2/during.json"), 8, usize::MAX, s.load_secs));
+    let (gw, _) = Gateway::start(upstream, idle_dir, &[]);
+    let idle = steady(&gw.base);
+    drop(gw);
+    let (gw, _) = Gateway::start(upstream, data, &[]);
+    let busy = steady(&gw.base);
+    let left = done_count(&gw.base);
+    drop(gw);
+    let (i99, b99) = (idle.percentile(0.99), busy.percentile(0.99));
+    let ratio = b99.as_secs_f64() / i99.as_secs_f64();
+    Row {
+        scenario: "accept p99 while sweeping expired requests (8 connections)",
+        figure: format!("p99 {} with {} expired ({} still unswept at the end)", ms(b99), s.sweep, left),
+        baseline: format!("idle p99 {}", ms(i99)),
+        ratio: Some(ratio),
+        target: "p99 ≤ 2× idle",
+        met: ratio <= 2.0,
+    }
+}
+
+fn done_count(base: &str) -> String {
+    actix_web::rt::System::new().block_on(async {
+        let mut res = awc::Client::default().get(format!("{base}/metrics")).send().await.expect("metrics");
+        let text = String::from_utf8_lossy(&res.body().await.expect("body")).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("asyncgate_requests{status=\"done\"} "))
+            .unwrap_or("?")
+            .to_string()
+    })
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut t = String::from("| scenario | asyncgate | baseline (same run) | ratio | target | met |\n| --- | --- | --- | --- | --- | --- |\n");
+    for r in rows {
+        let ratio = r.ratio.map_or("—".into(), |x| format!("{x:.2}×"));
+        let met = if r.met { "yes" } else { "**no**" };
+        let _ = writeln!(t, "| {} | {} | {} | {ratio} | {} | {met} |", r.scenario, r.figure, r.baseline, r.target);
+    }
+    t
+}
+
+fn results_md(table: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb >> 20);
+    let when = asyncgate::model::format_time(now_ms());
+    format!(
+        "# Benchmark results\n\nA full run of `cargo bench --bench gateway` ({when} UTC) on {cores} cores ({cpu}), \
+         {mem} GiB of memory. Everything (load generator, baselines, fake upstream, the release gateway) ran on \
+         127.0.0.1 on this one machine, so they share its 2 cores; ratios against baselines measured in the same \
+         run are the comparison, absolute figures are beside them.\n\n{table}\n"
+    )
+}
