@@ -191,7 +191,8 @@ pub struct Outcome {
 }
 
 /// One accepted request. Small by design: the body and the response live in
-/// chunks beside it, the credential sealed in a tree of its own.
+/// segment files beside it (`BodyRef`), the credential sealed in a tree of
+/// its own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub id: RequestId,
@@ -203,7 +204,8 @@ pub struct RequestRecord {
     pub target: String,
     /// Forwardable headers (no hop-by-hop, no `Authorization`: it is sealed).
     pub headers: Vec<Header>,
-    pub body_len: u64,
+    /// `None` for an empty body (and once the request is done).
+    pub body: Option<BodyRef>,
     pub callback: Option<Callback>,
     pub created_ms: u64,
     pub status: Status,
@@ -223,12 +225,21 @@ impl RequestRecord {
     }
 }
 
-/// The stored head of an upstream response; the body is in chunks.
+/// The stored head of an upstream response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHead {
     pub code: u16,
     pub headers: Vec<Header>,
-    pub body_len: u64,
+    /// `None` for an empty body, or one too large to keep.
+    pub body: Option<BodyRef>,
+}
+
+/// Where a stored body lives: a range of a body segment file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyRef {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

@@ -69,5 +69,8 @@ pub fn sweep(store: &Store, now_ms: u64, limit: usize) -> Result<usize, StoreErr
             store.forget_expiry(at, &id)?;
         }
     }
+    if !expired.is_empty() {
+        store.delete_unused_bodies()?;
+    }
     Ok(expired.len())
 }

@@ -190,18 +190,18 @@ impl Upstream {
                 )));
             }
             let kept = len <= self.max_response;
-            Ok::<_, Attempt>((code, headers, body, len, kept))
+            Ok::<_, Attempt>((code, headers, body, kept))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => {
                 Attempt::FailedAfterSend(format!("no whole answer within {:?}", self.timeout))
             }
             Ok(Err(attempt)) => attempt,
-            Ok(Ok((code, headers, body, len, kept))) => Attempt::Answered(Answer {
+            Ok(Ok((code, headers, body, kept))) => Attempt::Answered(Answer {
                 head: ResponseHead {
                     code,
                     headers,
-                    body_len: if kept { len } else { 0 },
+                    body: None, // the store fills it in
                 },
                 body,
                 kept,

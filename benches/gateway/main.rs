@@ -41,9 +41,21 @@ const BODY_1K: usize = 1024;
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick {
-        Sizes { load_secs: 2, e2e: 3_000, dispatch_samples: 50, pending: 5_000, sweep: 5_000 }
+        Sizes {
+            load_secs: 2,
+            e2e: 3_000,
+            dispatch_samples: 50,
+            pending: 5_000,
+            sweep: 5_000,
+        }
     } else {
-        Sizes { load_secs: 10, e2e: 100_000, dispatch_samples: 500, pending: 1_000_000, sweep: 1_000_000 }
+        Sizes {
+            load_secs: 10,
+            e2e: 100_000,
+            dispatch_samples: 500,
+            pending: 1_000_000,
+            sweep: 1_000_000,
+        }
     };
     let up_state = Upstream::default();
     let up = servers::upstream(up_state.clone());
@@ -59,11 +71,22 @@ fn main() {
     eprintln!("end to end ...");
     rows.push(end_to_end(&sizes, &upstream_url, &up_state, &dir("e2e")));
     eprintln!("idle dispatch latency ...");
-    rows.extend(dispatch_latency(&sizes, &upstream_url, &up_state, &dir("dispatch")));
+    rows.extend(dispatch_latency(
+        &sizes,
+        &upstream_url,
+        &up_state,
+        &dir("dispatch"),
+    ));
     eprintln!("{} pending ...", sizes.pending);
     rows.extend(pending(&sizes, &upstream_url, &up_state, &dir("pending")));
     eprintln!("retention sweep of {} ...", sizes.sweep);
-    rows.push(sweep(&sizes, &upstream_url, &up_state, &dir("sweep-idle"), &dir("sweep")));
+    rows.push(sweep(
+        &sizes,
+        &upstream_url,
+        &up_state,
+        &dir("sweep-idle"),
+        &dir("sweep"),
+    ));
 
     let table = render(&rows);
     println!("{table}");
@@ -78,7 +101,10 @@ fn post_load(url: String, concurrency: usize, requests: usize, secs: u64) -> Loa
     Load {
         method: "POST",
         url,
-        headers: vec![("Authorization".into(), "Bearer bench".into()), ("Content-Type".into(), "application/json".into())],
+        headers: vec![
+            ("Authorization".into(), "Bearer bench".into()),
+            ("Content-Type".into(), "application/json".into()),
+        ],
         body: vec![b'x'; BODY_1K],
         concurrency,
         requests,
@@ -94,15 +120,34 @@ fn ms(d: Duration) -> String {
 fn accept(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Row {
     up.refuse.store(true, Ordering::Relaxed); // nothing runs: accepting only
     let base = servers::plain_accept();
-    let baseline = load::run(post_load(format!("http://{}/async_api/v2/bench.json", base.addr), 64, usize::MAX, s.load_secs));
+    let baseline = load::run(post_load(
+        format!("http://{}/async_api/v2/bench.json", base.addr),
+        64,
+        usize::MAX,
+        s.load_secs,
+    ));
     let (gw, _) = Gateway::start(upstream, data, &[]);
-    let got = load::run(post_load(format!("{}/async_api/v2/bench.json", gw.base), 64, usize::MAX, s.load_secs));
+    let got = load::run(post_load(
+        format!("{}/async_api/v2/bench.json", gw.base),
+        64,
+        usize::MAX,
+        s.load_secs,
+    ));
     let ratio = got.rate() / baseline.rate();
     let p99 = got.percentile(0.99);
     Row {
         scenario: "accept: 1 KiB POSTs, 64 connections, durable 202",
-        figure: format!("{:.0} req/s, p99 {} ({} errors)", got.rate(), ms(p99), got.errors),
-        baseline: format!("plain actix-web handler: {:.0} req/s, p99 {}", baseline.rate(), ms(baseline.percentile(0.99))),
+        figure: format!(
+            "{:.0} req/s, p99 {} ({} errors)",
+            got.rate(),
+            ms(p99),
+            got.errors
+        ),
+        baseline: format!(
+            "plain actix-web handler: {:.0} req/s, p99 {}",
+            baseline.rate(),
+            ms(baseline.percentile(0.99))
+        ),
         ratio: Some(ratio),
         target: "≥ 0.5×, p99 ≤ 10 ms",
         met: ratio >= 0.5 && p99 <= Duration::from_millis(10),
@@ -139,11 +184,19 @@ fn polls(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Ro
     };
     let base = servers::small_json();
     let baseline = load::run(get(format!("http://{}/status.json", base.addr), 200));
-    let got = load::run(get(format!("{}/async_api/v2/requests/{id}.json", gw.base), 303));
+    let got = load::run(get(
+        format!("{}/async_api/v2/requests/{id}.json", gw.base),
+        303,
+    ));
     let ratio = got.rate() / baseline.rate();
     Row {
         scenario: "status polls of a done request (303), 64 connections",
-        figure: format!("{:.0} req/s, p99 {} ({} errors)", got.rate(), ms(got.percentile(0.99)), got.errors),
+        figure: format!(
+            "{:.0} req/s, p99 {} ({} errors)",
+            got.rate(),
+            ms(got.percentile(0.99)),
+            got.errors
+        ),
         baseline: format!("actix-web small JSON: {:.0} req/s", baseline.rate()),
         ratio: Some(ratio),
         target: "≥ 0.7×",
@@ -161,7 +214,12 @@ fn end_to_end(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) 
     up.refuse.store(true, Ordering::Relaxed);
     let flags = ["--per-credential-concurrency", "64"];
     let (gw, _) = Gateway::start(upstream, data, &flags);
-    let queued = load::run(post_load(format!("{}/async_api/v2/bench.json", gw.base), 64, s.e2e, 600));
+    let queued = load::run(post_load(
+        format!("{}/async_api/v2/bench.json", gw.base),
+        64,
+        s.e2e,
+        600,
+    ));
     gw.stop();
     // ...then drain them through the fast upstream from a fresh start.
     up.refuse.store(false, Ordering::Relaxed);
@@ -196,7 +254,11 @@ fn dispatch_latency(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::
         for _ in 0..s.dispatch_samples {
             let before = up.arrivals.lock().expect("arrivals").len();
             let t = Instant::now();
-            let res = client.post(format!("{}/async_api/v2/one.json", gw.base)).send_body("{}").await.expect("submit");
+            let res = client
+                .post(format!("{}/async_api/v2/one.json", gw.base))
+                .send_body("{}")
+                .await
+                .expect("submit");
             assert_eq!(res.status().as_u16(), 202);
             loop {
                 if let Some(at) = up.arrivals.lock().expect("arrivals").get(before) {
@@ -255,7 +317,11 @@ fn pending(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> 
 
 /// Fills a data dir with `n` requests done long ago, already past retention.
 fn populate_expired(data: &std::path::Path, n: usize) {
-    let store = Store::open(&StoreConfig { path: data.to_path_buf(), cache_capacity: 64 << 20 }).expect("open");
+    let store = Store::open(&StoreConfig {
+        path: data.to_path_buf(),
+        cache_capacity: 64 << 20,
+    })
+    .expect("open");
     let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
     let long_ago = now_ms() - 3 * 86_400_000;
     for i in 0..n {
@@ -272,22 +338,48 @@ fn populate_expired(data: &std::path::Path, n: usize) {
                 now_ms: long_ago,
             })
             .expect("enqueue");
-        let (claimed, _) = store.claim_next(&lane, long_ago).expect("claim").expect("queued");
+        let (claimed, _) = store
+            .claim_next(&lane, long_ago)
+            .expect("claim")
+            .expect("queued");
         let done = Completion {
             sent_ms: long_ago,
-            outcome: Outcome { code: 200, exec_ms: 3, kept: true },
-            head: ResponseHead { code: 200, headers: vec![], body_len: 100 },
+            outcome: Outcome {
+                code: 200,
+                exec_ms: 3,
+                kept: true,
+            },
+            head: ResponseHead {
+                code: 200,
+                headers: vec![],
+                body: None,
+            },
             body: vec![b'r'; 100],
         };
-        let _ = store.complete(&rec.id, claimed.claims, &done, long_ago, 86_400_000).expect("complete");
+        let _ = store
+            .complete(&rec.id, claimed.claims, &done, long_ago, 86_400_000)
+            .expect("complete");
     }
     store.close().expect("close");
 }
 
-fn sweep(s: &Sizes, upstream: &str, up: &Upstream, idle_dir: &std::path::Path, data: &std::path::Path) -> Row {
+fn sweep(
+    s: &Sizes,
+    upstream: &str,
+    up: &Upstream,
+    idle_dir: &std::path::Path,
+    data: &std::path::Path,
+) -> Row {
     up.refuse.store(true, Ordering::Relaxed);
     populate_expired(data, s.sweep);
-    let steady = |base: &str| load::run(post_load(format!("{base}/async_api/v2/during.json"), 8, usize::MAX, s.load_secs));
+    let steady = |base: &str| {
+        load::run(post_load(
+            format!("{base}/async_api/v2/during.json"),
+            8,
+            usize::MAX,
+            s.load_secs,
+        ))
+    };
     let (gw, _) = Gateway::start(upstream, idle_dir, &[]);
     let idle = steady(&gw.base);
     drop(gw);
@@ -299,7 +391,12 @@ fn sweep(s: &Sizes, upstream: &str, up: &Upstream, idle_dir: &std::path::Path, d
     let ratio = b99.as_secs_f64() / i99.as_secs_f64();
     Row {
         scenario: "accept p99 while sweeping expired requests (8 connections)",
-        figure: format!("p99 {} with {} expired ({} still unswept at the end)", ms(b99), s.sweep, left),
+        figure: format!(
+            "p99 {} with {} expired ({} still unswept at the end)",
+            ms(b99),
+            s.sweep,
+            left
+        ),
         baseline: format!("idle p99 {}", ms(i99)),
         ratio: Some(ratio),
         target: "p99 ≤ 2× idle",
@@ -309,7 +406,11 @@ fn sweep(s: &Sizes, upstream: &str, up: &Upstream, idle_dir: &std::path::Path, d
 
 fn done_count(base: &str) -> String {
     actix_web::rt::System::new().block_on(async {
-        let mut res = awc::Client::default().get(format!("{base}/metrics")).send().await.expect("metrics");
+        let mut res = awc::Client::default()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics");
         let text = String::from_utf8_lossy(&res.body().await.expect("body")).into_owned();
         text.lines()
             .find_map(|l| l.strip_prefix("asyncgate_requests{status=\"done\"} "))
@@ -319,11 +420,17 @@ fn done_count(base: &str) -> String {
 }
 
 fn render(rows: &[Row]) -> String {
-    let mut t = String::from("| scenario | asyncgate | baseline (same run) | ratio | target | met |\n| --- | --- | --- | --- | --- | --- |\n");
+    let mut t = String::from(
+        "| scenario | asyncgate | baseline (same run) | ratio | target | met |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
     for r in rows {
         let ratio = r.ratio.map_or("—".into(), |x| format!("{x:.2}×"));
         let met = if r.met { "yes" } else { "**no**" };
-        let _ = writeln!(t, "| {} | {} | {} | {ratio} | {} | {met} |", r.scenario, r.figure, r.baseline, r.target);
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {ratio} | {} | {met} |",
+            r.scenario, r.figure, r.baseline, r.target
+        );
     }
     t
 }
@@ -331,12 +438,20 @@ fn render(rows: &[Row]) -> String {
 fn results_md(table: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb >> 20);
     let when = asyncgate::model::format_time(now_ms());

@@ -89,19 +89,25 @@ pub struct Upstream {
 pub fn upstream(state: Upstream) -> Server {
     spawn(1, move || {
         let s = state.clone();
-        App::new().app_data(web::PayloadConfig::new(16 << 20)).default_service(web::to(move |_body: web::Bytes| {
-            let s = s.clone();
-            async move {
-                if s.record.load(Ordering::Relaxed) {
-                    s.arrivals.lock().expect("arrivals").push(Instant::now());
+        App::new()
+            .app_data(web::PayloadConfig::new(16 << 20))
+            .default_service(web::to(move |_body: web::Bytes| {
+                let s = s.clone();
+                async move {
+                    if s.record.load(Ordering::Relaxed) {
+                        s.arrivals.lock().expect("arrivals").push(Instant::now());
+                    }
+                    if s.refuse.load(Ordering::Relaxed) {
+                        return HttpResponse::TooManyRequests()
+                            .insert_header(("Retry-After", "3600"))
+                            .finish();
+                    }
+                    s.count.fetch_add(1, Ordering::Relaxed);
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body("{\"ok\":true}")
                 }
-                if s.refuse.load(Ordering::Relaxed) {
-                    return HttpResponse::TooManyRequests().insert_header(("Retry-After", "3600")).finish();
-                }
-                s.count.fetch_add(1, Ordering::Relaxed);
-                HttpResponse::Ok().content_type("application/json").body("{\"ok\":true}")
-            }
-        }))
+            }))
     })
 }
 
@@ -112,7 +118,11 @@ pub struct Gateway {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Gateway {
@@ -121,7 +131,13 @@ impl Gateway {
         let port = free_port();
         let t = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
-            .args(["serve", "--upstream", upstream, "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "serve",
+                "--upstream",
+                upstream,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .arg("--data-dir")
             .arg(data)
             .args(extra)
@@ -134,14 +150,18 @@ impl Gateway {
             if healthy(port) {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "the gateway did not start");
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the gateway did not start"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         (Gateway { child, base }, t.elapsed())
     }
 
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -152,7 +172,9 @@ impl Gateway {
 
     /// SIGTERM and wait: a clean stop.
     pub fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -167,9 +189,13 @@ impl Drop for Gateway {
 /// A raw `GET /healthz` (no runtime needed).
 fn healthy(port: u16) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut buf = [0u8; 12];
@@ -178,12 +204,18 @@ fn healthy(port: u16) -> bool {
 
 /// Bytes of every file under `dir`.
 pub fn disk_usage(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| {
             let p = e.path();
-            if p.is_dir() { disk_usage(&p) } else { e.metadata().map_or(0, |m| m.len()) }
+            if p.is_dir() {
+                disk_usage(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            }
         })
         .sum()
 }

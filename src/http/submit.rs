@@ -56,17 +56,20 @@ pub async fn submit(
     let id = RequestId::generate();
     let lane = credential_hash(state.store.salt(), credential);
     let sealed_credential = state.sealer.seal(&id, &credential_plaintext(credential))?;
-    let (rec, ticket) = state.store.enqueue(NewRequest {
-        id,
-        lane,
-        method: req.method().as_str().to_string(),
-        target,
-        headers,
-        body,
-        callback,
-        sealed_credential,
-        now_ms: now_ms(),
-    })?;
+    let (rec, ticket) = state
+        .store
+        .submit(NewRequest {
+            id,
+            lane,
+            method: req.method().as_str().to_string(),
+            target,
+            headers,
+            body,
+            callback,
+            sealed_credential,
+            now_ms: now_ms(),
+        })
+        .await?;
     // Durable before visible: no 202 until the request is fsync'd.
     state.store.durable(ticket).await?;
     state.dispatch.queued(lane);

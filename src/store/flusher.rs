@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use tokio::sync::watch;
 
 use super::StoreError;
+use super::bodies::Bodies;
 
 /// A flush round a writer waits for.
 #[derive(Clone, Copy, Debug)]
@@ -43,7 +44,7 @@ pub struct Flusher {
 
 impl Flusher {
     /// Starts the flusher thread for `db`, whose log file is `log`.
-    pub fn start(db: sled::Db, log: File) -> (Arc<Flusher>, JoinHandle<()>) {
+    pub fn start(db: sled::Db, log: File, bodies: Arc<Bodies>) -> (Arc<Flusher>, JoinHandle<()>) {
         let (finished, _) = watch::channel(Finished { round: 0, ok: true });
         let flusher = Arc::new(Flusher {
             rounds: Mutex::new(Rounds::default()),
@@ -53,12 +54,12 @@ impl Flusher {
         let worker = Arc::clone(&flusher);
         let handle = std::thread::Builder::new()
             .name("asyncgate-flusher".into())
-            .spawn(move || worker.run(&db, &log))
+            .spawn(move || worker.run(&db, &log, &bodies))
             .expect("spawning the flusher thread");
         (flusher, handle)
     }
 
-    fn run(&self, db: &sled::Db, log: &File) {
+    fn run(&self, db: &sled::Db, log: &File, bodies: &Bodies) {
         loop {
             let round = {
                 let mut r = self.lock();
@@ -71,7 +72,12 @@ impl Flusher {
                 r.began += 1;
                 r.began
             };
-            let ok = match db.flush().and_then(|_| Ok(log.sync_data()?)) {
+            // Bodies first: a record on disk must find its body there.
+            let synced = bodies.sync().map_err(sled::Error::from);
+            let ok = match synced
+                .and_then(|_| db.flush())
+                .and_then(|_| Ok(log.sync_data()?))
+            {
                 Ok(()) => true,
                 Err(e) => {
                     log::error!("flush to disk failed: {e}");

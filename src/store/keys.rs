@@ -4,27 +4,21 @@
 
 use crate::model::{LaneKey, RequestId, Status};
 
-/// Which body a chunk belongs to.
+/// Which of a request's bodies a reference is for.
 #[derive(Clone, Copy)]
 pub enum Body {
     Request = 0,
     Response = 1,
 }
 
-/// Bodies are split into values this size: sled writes values over about a
-/// quarter of a segment as blob files it never fsyncs.
-pub const CHUNK: usize = 64 * 1024;
-
-pub fn chunk(id: &RequestId, body: Body, index: u32) -> [u8; 21] {
-    let mut k = [0u8; 21];
-    k[..16].copy_from_slice(id.as_bytes());
-    k[16] = body as u8;
-    k[17..].copy_from_slice(&index.to_be_bytes());
+/// A reference from a body segment to a request: the segment can be
+/// deleted once no key starts with its number.
+pub fn body_ref(segment: u64, id: &RequestId, body: Body) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[..8].copy_from_slice(&segment.to_be_bytes());
+    k[8..24].copy_from_slice(id.as_bytes());
+    k[24] = body as u8;
     k
-}
-
-pub fn chunk_count(len: u64) -> u32 {
-    len.div_ceil(CHUNK as u64) as u32
 }
 
 pub fn lane(lane: &LaneKey, seq: u64) -> [u8; 40] {
@@ -93,13 +87,5 @@ mod tests {
         let id = RequestId([3; 16]);
         assert!(timed(5, &id) < timed(300, &RequestId([0; 16])));
         assert_eq!(split_timed(&timed(42, &id)), Some((42, id)));
-    }
-
-    #[test]
-    fn chunk_counts() {
-        assert_eq!(chunk_count(0), 0);
-        assert_eq!(chunk_count(1), 1);
-        assert_eq!(chunk_count(CHUNK as u64), 1);
-        assert_eq!(chunk_count(CHUNK as u64 + 1), 2);
     }
 }

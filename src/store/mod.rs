@@ -5,7 +5,7 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `records` | id | `RequestRecord` |
-//! | `chunks` | id, body kind, index | up to 64 KiB of a body |
+//! | `body_refs` | body segment, id, kind | — (which segments are in use) |
 //! | `responses` | id | `ResponseHead` |
 //! | `sealed` | id | the sealed credential |
 //! | `lanes` | lane, seq | id — the per-credential FIFO queues |
@@ -14,10 +14,13 @@
 //! | `callbacks` | due at, id | attempts so far |
 //! | `counters` | status | count (sled's `len()` walks a tree) |
 //!
+//! Bodies live in segment files (`bodies`), referenced from the records.
 //! Every change touching several trees is one transaction (`tx`). Nothing
 //! is durable until its `Ticket` is waited for (`flusher`).
 
+mod bodies;
 mod codec;
+mod combine;
 mod flusher;
 mod keys;
 mod tx;
@@ -30,7 +33,8 @@ use std::thread::JoinHandle;
 pub use flusher::Ticket;
 pub use tx::{Completion, NewRequest, Recovered};
 
-use crate::model::{LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use bodies::Bodies;
 use flusher::Flusher;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,8 @@ pub enum StoreError {
     NotDurable,
     #[error("the store is closed")]
     Closed,
+    #[error("the store failed: {0}")]
+    Unavailable(String),
 }
 
 pub struct StoreConfig {
@@ -57,7 +63,7 @@ pub struct StoreConfig {
 
 const TREES: [&str; 9] = [
     "records",
-    "chunks",
+    "body_refs",
     "responses",
     "sealed",
     "lanes",
@@ -72,6 +78,10 @@ pub struct Store {
     /// In `TREES` order; `tx::Tx` names them.
     trees: Vec<sled::Tree>,
     flusher: Arc<Flusher>,
+    /// Request and response bodies, outside sled.
+    bodies: Arc<Bodies>,
+    /// Gathers concurrent submissions into one transaction.
+    combiner: combine::Combiner,
     flusher_thread: Mutex<Option<JoinHandle<()>>>,
     /// Per data dir: credentials hash differently in every installation.
     salt: [u8; 32],
@@ -94,11 +104,14 @@ impl Store {
             .read(true)
             .write(true)
             .open(config.path.join("db"))?;
-        let (flusher, thread) = Flusher::start(db.clone(), log);
+        let bodies = Arc::new(Bodies::open(&config.path.join("bodies"))?);
+        let (flusher, thread) = Flusher::start(db.clone(), log, bodies.clone());
         let store = Store {
             db,
             trees,
             flusher,
+            bodies,
+            combiner: Default::default(),
             flusher_thread: Mutex::new(Some(thread)),
             salt,
         };
@@ -149,7 +162,7 @@ impl Store {
     }
 
     pub fn request_body(&self, rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
-        self.read_chunks(&rec.id, keys::Body::Request, rec.body_len)
+        self.read_body(rec.body)
     }
 
     pub fn sealed_credential(&self, id: &RequestId) -> Result<Option<Vec<u8>>, StoreError> {
@@ -170,25 +183,23 @@ impl Store {
             return Ok(None);
         };
         let head: ResponseHead = codec::decode(&v)?;
-        let body = self.read_chunks(id, keys::Body::Response, head.body_len)?;
+        let body = self.read_body(head.body)?;
         Ok(Some((head, body)))
     }
 
-    fn read_chunks(
-        &self,
-        id: &RequestId,
-        body: keys::Body,
-        len: u64,
-    ) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::with_capacity(len as usize);
-        for i in 0..keys::chunk_count(len) {
-            let chunk = self
-                .tree(tx::CHUNKS)
-                .get(keys::chunk(id, body, i))?
-                .ok_or_else(|| StoreError::Codec(format!("{id}: body chunk {i} missing")))?;
-            out.extend_from_slice(&chunk);
+    fn read_body(&self, body: Option<BodyRef>) -> Result<Vec<u8>, StoreError> {
+        match body {
+            Some(r) => Ok(self.bodies.read(&r)?),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
+    }
+
+    /// Deletes body segments no request references any more.
+    pub fn delete_unused_bodies(&self) -> Result<usize, StoreError> {
+        let refs = self.tree(tx::BODY_REFS);
+        Ok(self
+            .bodies
+            .delete_unused(|segment| refs.scan_prefix(segment.to_be_bytes()).next().is_some())?)
     }
 
     /// Lanes with queued requests: one seek per lane, not a scan of queues.

@@ -8,14 +8,14 @@ use sled::transaction::{
 };
 use sled::{IVec, Transactional};
 
-use super::keys::{self, Body, CHUNK};
+use super::keys::{self, Body};
 use super::{Store, StoreError, Ticket, codec};
 use crate::model::{
-    Callback, Header, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead, Status,
+    BodyRef, Callback, Header, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead, Status,
 };
 
 pub(super) const RECORDS: usize = 0;
-pub(super) const CHUNKS: usize = 1;
+pub(super) const BODY_REFS: usize = 1;
 pub(super) const RESPONSES: usize = 2;
 pub(super) const SEALED: usize = 3;
 pub(super) const LANES: usize = 4;
@@ -78,16 +78,18 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn put_chunks(&self, id: &RequestId, body: Body, bytes: &[u8]) -> TxResult<()> {
-        for (i, c) in bytes.chunks(CHUNK).enumerate() {
-            self.t(CHUNKS).insert(&keys::chunk(id, body, i as u32), c)?;
+    fn add_body(&self, id: &RequestId, body: Body, r: Option<BodyRef>) -> TxResult<()> {
+        if let Some(r) = r {
+            self.t(BODY_REFS)
+                .insert(&keys::body_ref(r.segment, id, body), &[][..])?;
         }
         Ok(())
     }
 
-    fn drop_chunks(&self, id: &RequestId, body: Body, len: u64) -> TxResult<()> {
-        for i in 0..keys::chunk_count(len) {
-            self.t(CHUNKS).remove(&keys::chunk(id, body, i))?;
+    fn drop_body(&self, id: &RequestId, body: Body, r: Option<BodyRef>) -> TxResult<()> {
+        if let Some(r) = r {
+            self.t(BODY_REFS)
+                .remove(&keys::body_ref(r.segment, id, body))?;
         }
         Ok(())
     }
@@ -150,6 +152,14 @@ pub struct Recovered {
 }
 
 impl Store {
+    /// Appends a body to the segment files (nothing for an empty one).
+    fn append_body(&self, bytes: &[u8]) -> Result<Option<BodyRef>, StoreError> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.bodies.append(bytes)?))
+    }
+
     fn transact<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, StoreError> {
         self.trees[..]
             .transaction(|trees| f(&Tx(trees)))
@@ -161,34 +171,54 @@ impl Store {
 
     /// Stores a new request at the tail of its lane.
     pub fn enqueue(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
-        let rec = RequestRecord {
-            id: new.id,
-            seq: self.db.generate_id()?,
-            lane: new.lane,
-            method: new.method,
-            target: new.target,
-            headers: new.headers,
-            body_len: new.body.len() as u64,
-            callback: new.callback,
-            created_ms: new.now_ms,
-            status: Status::Enqueued,
-            started_ms: None,
-            claims: 0,
-            outcome: None,
-            finished_ms: None,
-            expires_ms: None,
-        };
-        self.transact(|tx| {
-            let mut r = rec.clone();
-            tx.put_chunks(&r.id, Body::Request, &new.body)?;
-            tx.t(SEALED)
-                .insert(r.id.as_bytes(), new.sealed_credential.as_slice())?;
-            tx.t(LANES)
-                .insert(&keys::lane(&r.lane, r.seq)[..], r.id.as_bytes())?;
-            tx.set_status(&mut r, Status::Enqueued)?;
-            tx.put(&r)
-        })?;
+        let mut recs = self.enqueue_batch(vec![new])?;
+        let rec = recs.pop().ok_or(StoreError::Closed)?;
         Ok((rec, self.flusher.ticket()))
+    }
+
+    /// Stores new requests, each at the tail of its lane, in one
+    /// transaction: sled rolls its log buffer and takes a global lock for
+    /// every transaction, so one per request would bound the accept rate.
+    pub(super) fn enqueue_batch(
+        &self,
+        news: Vec<NewRequest>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let _gate = self.bodies.gate();
+        let mut recs = Vec::with_capacity(news.len());
+        let mut sealed = Vec::with_capacity(news.len());
+        for new in news {
+            recs.push(RequestRecord {
+                id: new.id,
+                seq: self.db.generate_id()?,
+                lane: new.lane,
+                method: new.method,
+                target: new.target,
+                headers: new.headers,
+                body: self.append_body(&new.body)?,
+                callback: new.callback,
+                created_ms: new.now_ms,
+                status: Status::Enqueued,
+                started_ms: None,
+                claims: 0,
+                outcome: None,
+                finished_ms: None,
+                expires_ms: None,
+            });
+            sealed.push(new.sealed_credential);
+        }
+        self.transact(|tx| {
+            for (rec, sealed) in recs.iter().zip(&sealed) {
+                let mut r = rec.clone();
+                tx.add_body(&r.id, Body::Request, r.body)?;
+                tx.t(SEALED).insert(r.id.as_bytes(), sealed.as_slice())?;
+                tx.t(LANES)
+                    .insert(&keys::lane(&r.lane, r.seq)[..], r.id.as_bytes())?;
+                tx.set_status(&mut r, Status::Enqueued)?;
+                tx.put(&r)?;
+            }
+            Ok(())
+        })?;
+        Ok(recs)
     }
 
     /// Takes the head of `lane`: it becomes `started`. Send it only once the
@@ -259,17 +289,20 @@ impl Store {
         now_ms: u64,
         retention_ms: u64,
     ) -> Result<Option<Ticket>, StoreError> {
-        let head = codec::encode(&done.head)?;
+        let _gate = self.bodies.gate();
+        let mut head = done.head.clone();
+        head.body = self.append_body(&done.body)?;
+        let head_bytes = codec::encode(&head)?;
         let stored = self.transact(|tx| {
             let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
                 return Ok(false);
             };
             rec.started_ms = Some(done.sent_ms);
             rec.outcome = Some(done.outcome.clone());
-            tx.t(RESPONSES).insert(id.as_bytes(), head.as_slice())?;
-            tx.put_chunks(id, Body::Response, &done.body)?;
-            tx.drop_chunks(id, Body::Request, rec.body_len)?;
-            rec.body_len = 0;
+            tx.t(RESPONSES)
+                .insert(id.as_bytes(), head_bytes.as_slice())?;
+            tx.add_body(id, Body::Response, head.body)?;
+            tx.drop_body(id, Body::Request, rec.body.take())?;
             tx.t(SEALED).remove(id.as_bytes())?;
             if rec.callback.is_some() {
                 let attempts = codec::encode(&0u32).map_err(Conflict::Abort)?;
@@ -372,10 +405,8 @@ impl Store {
                 tx.t(LANES).remove(&keys::lane(&rec.lane, rec.seq)[..])?;
             }
             tx.index_status(rec.status, id, false)?;
-            tx.drop_chunks(id, Body::Request, rec.body_len)?;
-            if let Some(h) = &head {
-                tx.drop_chunks(id, Body::Response, h.body_len)?;
-            }
+            tx.drop_body(id, Body::Request, rec.body)?;
+            tx.drop_body(id, Body::Response, head.as_ref().and_then(|h| h.body))?;
             tx.t(RESPONSES).remove(id.as_bytes())?;
             tx.t(SEALED).remove(id.as_bytes())?;
             if let Some(e) = rec.expires_ms {
