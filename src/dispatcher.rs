@@ -15,7 +15,7 @@ use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
 use crate::model::{LaneKey, Outcome, RequestRecord, is_idempotent, now_ms};
 use crate::scheduler::{Feedback, Hints, Limits, Next, Scheduler, pacing};
-use crate::store::{Completion, Store, StoreError, Ticket};
+use crate::store::{Claim, Completion, Settle, Store, StoreError, Ticket};
 use crate::upstream::{Attempt, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +131,8 @@ async fn sleep_opt(until: Option<Instant>) {
     }
 }
 
-/// Starts every attempt the scheduler allows now; returns when to look again.
+/// Starts every attempt the scheduler allows now, claiming them in one
+/// transaction per round; returns when to look again.
 fn dispatch(
     ctx: &Rc<Context>,
     sched: &mut Scheduler,
@@ -139,28 +140,52 @@ fn dispatch(
 ) -> Option<Instant> {
     loop {
         let now = Instant::now();
-        match sched.next(now) {
-            Next::Dispatch(lane) => match ctx.store.claim_next(&lane, now_ms()) {
-                Ok(Some((rec, ticket))) => {
-                    let (ctx, tx) = (Rc::clone(ctx), tx.clone());
-                    tokio::task::spawn_local(async move {
-                        let feedback = execute(&ctx, &rec, ticket).await.unwrap_or_else(|e| {
-                            log::error!("request {}: {e}; it stays `started` until the next start recovers it", rec.id);
-                            Feedback::FailedAfterSend { requeued: false }
-                        });
-                        let _ = tx.send(Event::Finished(rec.lane, feedback));
-                    });
+        let mut lanes = Vec::new();
+        let wake = loop {
+            match sched.next(now) {
+                Next::Dispatch(lane) => lanes.push(lane),
+                Next::At(t) => break Some(t),
+                Next::Idle => break None,
+            }
+        };
+        if lanes.is_empty() {
+            return wake;
+        }
+        match ctx.store.claim_batch(&lanes, now_ms()) {
+            Ok((claims, ticket)) => {
+                for (lane, claim) in lanes.into_iter().zip(claims) {
+                    match claim {
+                        Claim::Got(rec) => start(ctx, tx, *rec, ticket),
+                        Claim::Empty => sched.empty(lane),
+                        Claim::Skipped => {
+                            sched.empty(lane);
+                            sched.queued(lane);
+                        }
+                    }
                 }
-                Ok(None) => sched.empty(lane),
-                Err(e) => {
-                    log::error!("claiming from a lane failed: {e}");
+            }
+            Err(e) => {
+                log::error!("claiming from the queues failed: {e}");
+                for lane in lanes {
                     sched.finished(lane, now, Feedback::NotSent);
                 }
-            },
-            Next::At(t) => return Some(t),
-            Next::Idle => return None,
+            }
         }
     }
+}
+
+fn start(ctx: &Rc<Context>, tx: &mpsc::UnboundedSender<Event>, rec: RequestRecord, ticket: Ticket) {
+    let (ctx, tx) = (Rc::clone(ctx), tx.clone());
+    tokio::task::spawn_local(async move {
+        let feedback = execute(&ctx, &rec, ticket).await.unwrap_or_else(|e| {
+            log::error!(
+                "request {}: {e}; it stays `started` until the next start recovers it",
+                rec.id
+            );
+            Feedback::FailedAfterSend { requeued: false }
+        });
+        let _ = tx.send(Event::Finished(rec.lane, feedback));
+    });
 }
 
 /// One attempt, from the durable claim to the stored result.
@@ -207,11 +232,14 @@ async fn execute(
                 head: a.head,
                 body: a.body,
             };
-            let retention = ctx.retention.as_millis() as u64;
-            if let Some(t) = ctx
-                .store
-                .complete(&rec.id, rec.claims, &done, now_ms(), retention)?
-            {
+            let op = Settle::Complete {
+                id: rec.id,
+                claims: rec.claims,
+                done,
+                now_ms: now_ms(),
+                retention_ms: ctx.retention.as_millis() as u64,
+            };
+            if let Some(t) = ctx.store.settle(op).await? {
                 ctx.store.durable(t).await?;
                 if rec.callback.is_some() {
                     ctx.callbacks.notify_one();
@@ -243,10 +271,13 @@ async fn execute(
             );
             ctx.metrics.failed_after_send();
             let keep = ctx.unknown_retention.as_millis() as u64;
-            if let Some(t) = ctx
-                .store
-                .mark_unknown(&rec.id, rec.claims, now_ms(), keep)?
-            {
+            let op = Settle::Unknown {
+                id: rec.id,
+                claims: rec.claims,
+                now_ms: now_ms(),
+                keep_ms: keep,
+            };
+            if let Some(t) = ctx.store.settle(op).await? {
                 ctx.store.durable(t).await?;
             }
             Ok(Feedback::FailedAfterSend { requeued: false })
@@ -257,8 +288,12 @@ async fn execute(
 /// Back to the head of its lane, durably: after a crash it must not look
 /// `started` (and so possibly sent) when it was refused or never sent.
 async fn requeue(ctx: &Context, rec: &RequestRecord) -> Result<(), ExecError> {
-    if ctx.store.requeue(&rec.id, rec.claims)? {
-        ctx.store.durable(ctx.store.ticket()).await?;
+    let op = Settle::Requeue {
+        id: rec.id,
+        claims: rec.claims,
+    };
+    if let Some(t) = ctx.store.settle(op).await? {
+        ctx.store.durable(t).await?;
     }
     Ok(())
 }

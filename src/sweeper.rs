@@ -11,8 +11,12 @@ use std::time::Duration;
 use crate::model::now_ms;
 use crate::store::{Store, StoreError};
 
-/// Requests deleted per batch; a pause for other writers follows each.
-const BATCH: usize = 256;
+/// Requests deleted per batch, and the pause after a full one. Each delete
+/// is a sled transaction, and sled serializes transactions: long runs of
+/// deletes would stall submissions (measured in benches/RESULTS.md). About
+/// 1,500 deletes a second is far above any steady expiry rate.
+const BATCH: usize = 32;
+const PAUSE: Duration = Duration::from_millis(20);
 /// The longest sleep: new expiries are noticed within it (one cheap
 /// look at the expiry index a second).
 const MAX_IDLE: Duration = Duration::from_secs(1);
@@ -30,7 +34,7 @@ impl Sweeper {
             .spawn(move || {
                 loop {
                     let wait = match sweep(&store, now_ms(), BATCH) {
-                        Ok(n) if n == BATCH => Duration::from_millis(1),
+                        Ok(n) if n == BATCH => PAUSE,
                         Ok(_) => until_next(&store),
                         Err(e) => {
                             log::error!("retention sweep: {e}");

@@ -357,7 +357,7 @@ fn populate_expired(data: &std::path::Path, n: usize) {
             body: vec![b'r'; 100],
         };
         let _ = store
-            .complete(&rec.id, claimed.claims, &done, long_ago, 86_400_000)
+            .complete(&rec.id, claimed.claims, done, long_ago, 86_400_000)
             .expect("complete");
     }
     store.close().expect("close");

@@ -1,9 +1,9 @@
-//! Write combining for submissions. Each sled transaction rolls sled's log
-//! buffer (a write) and holds a global lock, so the store would accept at
-//! most one request per transaction time. Concurrent submissions are
-//! therefore gathered: the first caller to find no batch in progress leads,
-//! writing every request queued meanwhile in one transaction, round after
-//! round, until the queue is empty; the others wait for their answer.
+//! Write combining. Each sled transaction rolls sled's log buffer (a
+//! write) and holds a global lock, so one transaction per operation bounds
+//! the store's rate. Operations arriving together are gathered instead:
+//! the first caller to find no batch in progress leads, applying every
+//! operation queued meanwhile in one transaction, round after round, until
+//! the queue is empty; the others wait for their answer.
 
 use std::sync::Mutex;
 
@@ -12,45 +12,65 @@ use tokio::sync::oneshot;
 use super::{NewRequest, Store, StoreError, Ticket};
 use crate::model::RequestRecord;
 
-/// Requests per transaction, at most.
+/// Operations per transaction, at most.
 const MAX_BATCH: usize = 256;
 
-type Reply = oneshot::Sender<Result<RequestRecord, StoreError>>;
+type Reply<Out> = oneshot::Sender<Result<Out, StoreError>>;
 
-#[derive(Default)]
-pub(super) struct Combiner {
-    queue: Mutex<Queue>,
+pub(super) struct Combiner<Op, Out> {
+    queue: Mutex<Queue<Op, Out>>,
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<(NewRequest, Reply)>,
-    /// A caller is writing batches right now.
+struct Queue<Op, Out> {
+    waiting: Vec<(Op, Reply<Out>)>,
+    /// A caller is applying batches right now.
     leading: bool,
 }
 
-impl Store {
-    /// Stores a new request at the tail of its lane, batched with the
-    /// submissions arriving at the same time. Durable once the ticket is.
-    pub async fn submit(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
+impl<Op, Out> Default for Combiner<Op, Out> {
+    fn default() -> Self {
+        Combiner {
+            queue: Mutex::new(Queue {
+                waiting: Vec::new(),
+                leading: false,
+            }),
+        }
+    }
+}
+
+impl<Op, Out> Combiner<Op, Out> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<Op, Out>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `op` with whatever else is queued. With `gather`, a new
+    /// leader first yields once, so tasks of the same thread (the
+    /// dispatcher's) can join the batch.
+    pub async fn combine(
+        &self,
+        op: Op,
+        gather: bool,
+        apply: impl Fn(Vec<Op>) -> Result<Vec<Out>, StoreError>,
+    ) -> Result<Out, StoreError> {
         let (reply, answer) = oneshot::channel();
         let lead = {
-            let mut q = self.combiner.lock();
-            q.waiting.push((new, reply));
+            let mut q = self.lock();
+            q.waiting.push((op, reply));
             !std::mem::replace(&mut q.leading, true)
         };
         if lead {
-            self.lead();
+            if gather {
+                tokio::task::yield_now().await;
+            }
+            self.lead(&apply);
         }
-        let rec = answer.await.map_err(|_| StoreError::Closed)??;
-        Ok((rec, self.flusher.ticket()))
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Writes batches until nobody waits.
-    fn lead(&self) {
+    fn lead(&self, apply: &impl Fn(Vec<Op>) -> Result<Vec<Out>, StoreError>) {
         loop {
-            let batch: Vec<(NewRequest, Reply)> = {
-                let mut q = self.combiner.lock();
+            let batch: Vec<(Op, Reply<Out>)> = {
+                let mut q = self.lock();
                 if q.waiting.is_empty() {
                     q.leading = false;
                     return;
@@ -58,15 +78,15 @@ impl Store {
                 let n = q.waiting.len().min(MAX_BATCH);
                 q.waiting.drain(..n).collect()
             };
-            let (news, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            match self.enqueue_batch(news) {
-                Ok(recs) => {
-                    for (rec, reply) in recs.into_iter().zip(replies) {
-                        let _ = reply.send(Ok(rec));
+            let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            match apply(ops) {
+                Ok(outs) => {
+                    for (out, reply) in outs.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(out));
                     }
                 }
                 Err(e) => {
-                    log::error!("storing {} submissions failed: {e}", replies.len());
+                    log::error!("a batch of {} store writes failed: {e}", replies.len());
                     for reply in replies {
                         let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
                     }
@@ -76,8 +96,15 @@ impl Store {
     }
 }
 
-impl Combiner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+impl Store {
+    /// Stores a new request at the tail of its lane, in one transaction
+    /// with the submissions arriving at the same time (on other HTTP
+    /// worker threads). Durable once the ticket is.
+    pub async fn submit(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
+        let rec = self
+            .submitter
+            .combine(new, false, |news| self.enqueue_batch(news))
+            .await?;
+        Ok((rec, self.flusher.ticket()))
     }
 }

@@ -23,6 +23,7 @@ mod codec;
 mod combine;
 mod flusher;
 mod keys;
+mod settle;
 mod tx;
 
 use std::fs::OpenOptions;
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use flusher::Ticket;
+pub use settle::{Claim, Settle};
 pub use tx::{Completion, NewRequest, Recovered};
 
 use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
@@ -81,7 +83,9 @@ pub struct Store {
     /// Request and response bodies, outside sled.
     bodies: Arc<Bodies>,
     /// Gathers concurrent submissions into one transaction.
-    combiner: combine::Combiner,
+    submitter: combine::Combiner<NewRequest, RequestRecord>,
+    /// Gathers attempts finishing together into one transaction.
+    settler: combine::Combiner<Settle, bool>,
     flusher_thread: Mutex<Option<JoinHandle<()>>>,
     /// Per data dir: credentials hash differently in every installation.
     salt: [u8; 32],
@@ -111,7 +115,8 @@ impl Store {
             trees,
             flusher,
             bodies,
-            combiner: Default::default(),
+            submitter: Default::default(),
+            settler: Default::default(),
             flusher_thread: Mutex::new(Some(thread)),
             salt,
         };

@@ -112,7 +112,7 @@ fn complete_keeps_big_responses_and_drops_the_credential() {
         s.complete(
             &rec.id,
             claimed.claims,
-            &completion(201, answer.clone()),
+            completion(201, answer.clone()),
             10_000,
             60_000
         )
@@ -142,7 +142,7 @@ fn a_stale_claim_cannot_overwrite() {
     assert!(s.requeue(&rec.id, first.claims).unwrap());
     let (second, _) = s.claim_next(&rec.lane, 6).unwrap().unwrap();
     assert!(
-        s.complete(&rec.id, first.claims, &completion(200, vec![]), 7, 100)
+        s.complete(&rec.id, first.claims, completion(200, vec![]), 7, 100)
             .unwrap()
             .is_none()
     );
@@ -153,7 +153,7 @@ fn a_stale_claim_cannot_overwrite() {
     );
     assert!(!s.requeue(&rec.id, first.claims).unwrap());
     assert!(
-        s.complete(&rec.id, second.claims, &completion(200, vec![]), 7, 100)
+        s.complete(&rec.id, second.claims, completion(200, vec![]), 7, 100)
             .unwrap()
             .is_some()
     );
@@ -201,7 +201,7 @@ fn expired_requests_are_deleted_with_everything_they_own() {
     s.complete(
         &rec.id,
         c.claims,
-        &completion(200, vec![2; 100_000]),
+        completion(200, vec![2; 100_000]),
         10,
         100,
     )
@@ -235,7 +235,7 @@ fn callbacks_move_to_their_next_due_time() {
     let s = open(dir.path());
     let rec = s.enqueue(new_request(1, "POST", vec![], true)).unwrap().0;
     let (c, _) = s.claim_next(&rec.lane, 5).unwrap().unwrap();
-    s.complete(&rec.id, c.claims, &completion(200, vec![]), 10, 100_000)
+    s.complete(&rec.id, c.claims, completion(200, vec![]), 10, 100_000)
         .unwrap();
     s.callback_retry(10, &rec.id, 1_010, 1).unwrap();
     assert!(s.due_callbacks(1_009, 10).unwrap().is_empty());

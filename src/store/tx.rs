@@ -24,31 +24,31 @@ pub(super) const EXPIRY: usize = 6;
 pub(super) const CALLBACKS: usize = 7;
 pub(super) const COUNTERS: usize = 8;
 
-type TxResult<T> = Result<T, Conflict<StoreError>>;
+pub(super) type TxResult<T> = Result<T, Conflict<StoreError>>;
 
 /// The transactional view of all trees.
-struct Tx<'a>(&'a [TransactionalTree]);
+pub(super) struct Tx<'a>(&'a [TransactionalTree]);
 
 impl Tx<'_> {
-    fn t(&self, i: usize) -> &TransactionalTree {
+    pub(super) fn t(&self, i: usize) -> &TransactionalTree {
         &self.0[i]
     }
 
-    fn record(&self, id: &RequestId) -> TxResult<Option<RequestRecord>> {
+    pub(super) fn record(&self, id: &RequestId) -> TxResult<Option<RequestRecord>> {
         match self.t(RECORDS).get(id.as_bytes())? {
             Some(v) => Ok(Some(codec::decode(&v).map_err(Conflict::Abort)?)),
             None => Ok(None),
         }
     }
 
-    fn put(&self, rec: &RequestRecord) -> TxResult<()> {
+    pub(super) fn put(&self, rec: &RequestRecord) -> TxResult<()> {
         let v = codec::encode(rec).map_err(Conflict::Abort)?;
         self.t(RECORDS).insert(rec.id.as_bytes(), v)?;
         Ok(())
     }
 
     /// Moves `rec` to `to`, keeping the status index and counters in step.
-    fn set_status(&self, rec: &mut RequestRecord, to: Status) -> TxResult<()> {
+    pub(super) fn set_status(&self, rec: &mut RequestRecord, to: Status) -> TxResult<()> {
         if rec.status != to {
             self.index_status(rec.status, &rec.id, false)?;
         }
@@ -56,7 +56,7 @@ impl Tx<'_> {
         self.index_status(to, &rec.id, true)
     }
 
-    fn index_status(&self, status: Status, id: &RequestId, add: bool) -> TxResult<()> {
+    pub(super) fn index_status(&self, status: Status, id: &RequestId, add: bool) -> TxResult<()> {
         let key = keys::status(status, id);
         let present = self.t(BY_STATUS).get(key)?.is_some();
         if present == add {
@@ -78,7 +78,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn add_body(&self, id: &RequestId, body: Body, r: Option<BodyRef>) -> TxResult<()> {
+    pub(super) fn add_body(&self, id: &RequestId, body: Body, r: Option<BodyRef>) -> TxResult<()> {
         if let Some(r) = r {
             self.t(BODY_REFS)
                 .insert(&keys::body_ref(r.segment, id, body), &[][..])?;
@@ -86,7 +86,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn drop_body(&self, id: &RequestId, body: Body, r: Option<BodyRef>) -> TxResult<()> {
+    pub(super) fn drop_body(&self, id: &RequestId, body: Body, r: Option<BodyRef>) -> TxResult<()> {
         if let Some(r) = r {
             self.t(BODY_REFS)
                 .remove(&keys::body_ref(r.segment, id, body))?;
@@ -95,7 +95,7 @@ impl Tx<'_> {
     }
 
     /// Ends a request's life in `status` at `now_ms`; retention starts.
-    fn finish(
+    pub(super) fn finish(
         &self,
         rec: &mut RequestRecord,
         status: Status,
@@ -111,7 +111,7 @@ impl Tx<'_> {
     }
 
     /// The record, if it is in `status` under claim `claims`.
-    fn fenced(
+    pub(super) fn fenced(
         &self,
         id: &RequestId,
         status: Status,
@@ -153,14 +153,14 @@ pub struct Recovered {
 
 impl Store {
     /// Appends a body to the segment files (nothing for an empty one).
-    fn append_body(&self, bytes: &[u8]) -> Result<Option<BodyRef>, StoreError> {
+    pub(super) fn append_body(&self, bytes: &[u8]) -> Result<Option<BodyRef>, StoreError> {
         if bytes.is_empty() {
             return Ok(None);
         }
         Ok(Some(self.bodies.append(bytes)?))
     }
 
-    fn transact<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, StoreError> {
+    pub(super) fn transact<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, StoreError> {
         self.trees[..]
             .transaction(|trees| f(&Tx(trees)))
             .map_err(|e| match e {
@@ -261,77 +261,6 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// Puts a claimed request back at its old place, the head of its lane:
-    /// it was refused (429) or never sent. False if the claim is stale.
-    pub fn requeue(&self, id: &RequestId, claims: u32) -> Result<bool, StoreError> {
-        self.transact(|tx| {
-            let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
-                return Ok(false);
-            };
-            rec.started_ms = None;
-            tx.t(LANES)
-                .insert(&keys::lane(&rec.lane, rec.seq)[..], id.as_bytes())?;
-            tx.set_status(&mut rec, Status::Enqueued)?;
-            tx.put(&rec)?;
-            Ok(true)
-        })
-    }
-
-    /// Stores the answer: `done`, response kept, credential deleted, the
-    /// callback scheduled. `None` if the claim is stale.
-    pub fn complete(
-        &self,
-        id: &RequestId,
-        claims: u32,
-        done: &Completion,
-        now_ms: u64,
-        retention_ms: u64,
-    ) -> Result<Option<Ticket>, StoreError> {
-        let _gate = self.bodies.gate();
-        let mut head = done.head.clone();
-        head.body = self.append_body(&done.body)?;
-        let head_bytes = codec::encode(&head)?;
-        let stored = self.transact(|tx| {
-            let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
-                return Ok(false);
-            };
-            rec.started_ms = Some(done.sent_ms);
-            rec.outcome = Some(done.outcome.clone());
-            tx.t(RESPONSES)
-                .insert(id.as_bytes(), head_bytes.as_slice())?;
-            tx.add_body(id, Body::Response, head.body)?;
-            tx.drop_body(id, Body::Request, rec.body.take())?;
-            tx.t(SEALED).remove(id.as_bytes())?;
-            if rec.callback.is_some() {
-                let attempts = codec::encode(&0u32).map_err(Conflict::Abort)?;
-                tx.t(CALLBACKS).insert(&keys::timed(now_ms, id), attempts)?;
-            }
-            tx.finish(&mut rec, Status::Done, now_ms, retention_ms)?;
-            tx.put(&rec)?;
-            Ok(true)
-        })?;
-        Ok(stored.then(|| self.flusher.ticket()))
-    }
-
-    /// A non-idempotent request that may have run: it waits for an operator.
-    pub fn mark_unknown(
-        &self,
-        id: &RequestId,
-        claims: u32,
-        now_ms: u64,
-        keep_ms: u64,
-    ) -> Result<Option<Ticket>, StoreError> {
-        let changed = self.transact(|tx| {
-            let Some(mut rec) = tx.fenced(id, Status::Started, Some(claims))? else {
-                return Ok(false);
-            };
-            tx.finish(&mut rec, Status::Unknown, now_ms, keep_ms)?;
-            tx.put(&rec)?;
-            Ok(true)
-        })?;
-        Ok(changed.then(|| self.flusher.ticket()))
     }
 
     /// Start-up recovery: whatever was `started` when the last process died

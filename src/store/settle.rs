@@ -1,0 +1,253 @@
+//! How a claimed (`started`) attempt ends: back to the head of its lane,
+//! `done` with its response, or `unknown`. Each change is fenced by the
+//! claim count, so a stale claim never overwrites a newer state. The
+//! dispatcher settles through `Store::settle`, which gathers the attempts
+//! finishing together into one transaction (see `combine`).
+
+use std::collections::HashMap;
+
+use sled::IVec;
+use sled::transaction::ConflictableTransactionError as Conflict;
+
+use super::keys::{self, Body};
+use super::tx::{CALLBACKS, LANES, RESPONSES, SEALED, Tx, TxResult};
+use super::{Completion, Store, StoreError, Ticket, codec};
+use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, Status};
+
+/// One attempt's end.
+pub enum Settle {
+    /// Refused (429) or never sent: back to the head of its lane.
+    Requeue { id: RequestId, claims: u32 },
+    /// Answered: `done`, the response kept, the credential deleted, the
+    /// callback scheduled.
+    Complete {
+        id: RequestId,
+        claims: u32,
+        done: Completion,
+        now_ms: u64,
+        retention_ms: u64,
+    },
+    /// A non-idempotent request that may have run waits for an operator.
+    Unknown {
+        id: RequestId,
+        claims: u32,
+        now_ms: u64,
+        keep_ms: u64,
+    },
+}
+
+/// A completion's response head, encoded before the transaction.
+struct Prepared {
+    head: Vec<u8>,
+    body: Option<BodyRef>,
+}
+
+impl Tx<'_> {
+    fn settle(&self, op: &Settle, prepared: Option<&Prepared>) -> TxResult<bool> {
+        let (id, claims) = match op {
+            Settle::Requeue { id, claims }
+            | Settle::Complete { id, claims, .. }
+            | Settle::Unknown { id, claims, .. } => (id, *claims),
+        };
+        let Some(mut rec) = self.fenced(id, Status::Started, Some(claims))? else {
+            return Ok(false);
+        };
+        match op {
+            Settle::Requeue { .. } => {
+                rec.started_ms = None;
+                self.t(LANES)
+                    .insert(&keys::lane(&rec.lane, rec.seq)[..], id.as_bytes())?;
+                self.set_status(&mut rec, Status::Enqueued)?;
+            }
+            Settle::Complete {
+                done,
+                now_ms,
+                retention_ms,
+                ..
+            } => {
+                let p = prepared.ok_or_else(|| Conflict::Abort(StoreError::Closed))?;
+                rec.started_ms = Some(done.sent_ms);
+                rec.outcome = Some(done.outcome.clone());
+                self.t(RESPONSES).insert(id.as_bytes(), p.head.as_slice())?;
+                self.add_body(id, Body::Response, p.body)?;
+                self.drop_body(id, Body::Request, rec.body.take())?;
+                self.t(SEALED).remove(id.as_bytes())?;
+                if rec.callback.is_some() {
+                    let attempts = codec::encode(&0u32).map_err(Conflict::Abort)?;
+                    self.t(CALLBACKS)
+                        .insert(&keys::timed(*now_ms, id), attempts)?;
+                }
+                self.finish(&mut rec, Status::Done, *now_ms, *retention_ms)?;
+            }
+            Settle::Unknown {
+                now_ms, keep_ms, ..
+            } => {
+                self.finish(&mut rec, Status::Unknown, *now_ms, *keep_ms)?;
+            }
+        }
+        self.put(&rec)?;
+        Ok(true)
+    }
+}
+
+impl Store {
+    /// Applies `ops` in one transaction; for each, whether its claim was
+    /// still current (false: stale, nothing changed).
+    pub(super) fn settle_batch(&self, ops: Vec<Settle>) -> Result<Vec<bool>, StoreError> {
+        let _gate = self.bodies.gate();
+        let mut prepared = Vec::with_capacity(ops.len());
+        for op in &ops {
+            prepared.push(match op {
+                Settle::Complete { done, .. } => {
+                    let mut head = done.head.clone();
+                    head.body = self.append_body(&done.body)?;
+                    Some(Prepared {
+                        head: codec::encode(&head)?,
+                        body: head.body,
+                    })
+                }
+                _ => None,
+            });
+        }
+        self.transact(|tx| {
+            ops.iter()
+                .zip(&prepared)
+                .map(|(op, p)| tx.settle(op, p.as_ref()))
+                .collect()
+        })
+    }
+
+    /// Settles one attempt, together with those finishing at the same
+    /// time. `None` if the claim was stale; else wait for the ticket.
+    pub async fn settle(&self, op: Settle) -> Result<Option<Ticket>, StoreError> {
+        let applied = self
+            .settler
+            .combine(op, true, |ops| self.settle_batch(ops))
+            .await?;
+        Ok(applied.then(|| self.flusher.ticket()))
+    }
+
+    fn settle_now(&self, op: Settle) -> Result<Option<Ticket>, StoreError> {
+        let applied = self.settle_batch(vec![op])?.pop().unwrap_or(false);
+        Ok(applied.then(|| self.flusher.ticket()))
+    }
+
+    /// `Settle::Requeue`, alone.
+    pub fn requeue(&self, id: &RequestId, claims: u32) -> Result<bool, StoreError> {
+        Ok(self
+            .settle_now(Settle::Requeue { id: *id, claims })?
+            .is_some())
+    }
+
+    /// `Settle::Complete`, alone.
+    pub fn complete(
+        &self,
+        id: &RequestId,
+        claims: u32,
+        done: Completion,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<Option<Ticket>, StoreError> {
+        self.settle_now(Settle::Complete {
+            id: *id,
+            claims,
+            done,
+            now_ms,
+            retention_ms,
+        })
+    }
+
+    /// `Settle::Unknown`, alone.
+    pub fn mark_unknown(
+        &self,
+        id: &RequestId,
+        claims: u32,
+        now_ms: u64,
+        keep_ms: u64,
+    ) -> Result<Option<Ticket>, StoreError> {
+        self.settle_now(Settle::Unknown {
+            id: *id,
+            claims,
+            now_ms,
+            keep_ms,
+        })
+    }
+}
+
+/// What a claim found for one dispatch slot.
+#[derive(Debug)]
+pub enum Claim {
+    /// The request, now `started`: send it once the ticket is durable.
+    Got(Box<RequestRecord>),
+    /// The lane has nothing (more) queued.
+    Empty,
+    /// A stale lane entry was dropped; the lane may hold more.
+    Skipped,
+}
+
+impl Store {
+    /// Claims the heads of `lanes` in one transaction; a lane named k times
+    /// gives its first k queued requests. One `Claim` per slot, in order.
+    pub fn claim_batch(
+        &self,
+        lanes: &[LaneKey],
+        now_ms: u64,
+    ) -> Result<(Vec<Claim>, Ticket), StoreError> {
+        let mut heads: HashMap<LaneKey, std::vec::IntoIter<(IVec, IVec)>> = HashMap::new();
+        for lane in lanes {
+            if !heads.contains_key(lane) {
+                let wanted = lanes.iter().filter(|l| *l == lane).count();
+                let found = self
+                    .tree(LANES)
+                    .scan_prefix(lane)
+                    .take(wanted)
+                    .collect::<Result<Vec<_>, _>>()?;
+                heads.insert(*lane, found.into_iter());
+            }
+        }
+        let picks: Vec<Option<(IVec, IVec)>> = lanes
+            .iter()
+            .map(|l| heads.get_mut(l).and_then(|h| h.next()))
+            .collect();
+        let claimed = self.transact(|tx| {
+            picks
+                .iter()
+                .map(|pick| {
+                    let Some((key, id)) = pick else {
+                        return Ok(Claim::Empty);
+                    };
+                    if tx.t(LANES).get(key)?.is_none() {
+                        return Ok(Claim::Skipped);
+                    }
+                    tx.t(LANES).remove(key)?;
+                    let Some(id) = keys::id_from(id) else {
+                        return Ok(Claim::Skipped);
+                    };
+                    let Some(mut rec) = tx.fenced(&id, Status::Enqueued, None)? else {
+                        return Ok(Claim::Skipped);
+                    };
+                    rec.claims += 1;
+                    rec.started_ms = Some(now_ms);
+                    tx.set_status(&mut rec, Status::Started)?;
+                    tx.put(&rec)?;
+                    Ok(Claim::Got(Box::new(rec)))
+                })
+                .collect()
+        });
+        let claims = match claimed {
+            Ok(c) => c,
+            // An unreadable record fails the whole batch: claim one by one,
+            // which quarantines it.
+            Err(StoreError::Codec(_)) => lanes
+                .iter()
+                .map(|l| {
+                    Ok(self
+                        .claim_next(l, now_ms)?
+                        .map_or(Claim::Empty, |(r, _)| Claim::Got(Box::new(r))))
+                })
+                .collect::<Result<_, StoreError>>()?,
+            Err(e) => return Err(e),
+        };
+        Ok((claims, self.flusher.ticket()))
+    }
+}
