@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use asyncgate::model::{Outcome, RequestId, ResponseHead, now_ms};
-use asyncgate::store::{Completion, NewRequest, Store, StoreConfig};
+use asyncgate::store::{Claim, Completion, NewRequest, Settle, Store, StoreConfig};
 use load::{Load, Stats, percentile};
 use servers::{Gateway, Upstream};
 
@@ -315,50 +315,50 @@ fn pending(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> 
     }]
 }
 
-/// Fills a data dir with `n` requests done long ago, already past retention.
+/// Fills a data dir with `n` requests done long ago, already past retention
+/// (through the store's batch operations, as the gateway itself writes).
 fn populate_expired(data: &std::path::Path, n: usize) {
-    let store = Store::open(&StoreConfig {
-        path: data.to_path_buf(),
-        cache_capacity: 64 << 20,
-    })
-    .expect("open");
+    let store = Store::open(&StoreConfig { path: data.to_path_buf(), cache_capacity: 64 << 20 }).expect("open");
     let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
     let long_ago = now_ms() - 3 * 86_400_000;
-    for i in 0..n {
-        let (rec, _) = store
-            .enqueue(NewRequest {
+    let mut made = 0;
+    while made < n {
+        let k = (n - made).min(256);
+        let news = (0..k)
+            .map(|i| NewRequest {
                 id: RequestId::generate(),
                 lane,
                 method: "POST".into(),
-                target: format!("v2/old/{i}.json"),
+                target: format!("v2/old/{}.json", made + i),
                 headers: vec![("content-type".into(), b"application/json".to_vec())],
                 body: vec![b'x'; BODY_1K],
                 callback: None,
                 sealed_credential: vec![0; 40],
                 now_ms: long_ago,
             })
-            .expect("enqueue");
-        let (claimed, _) = store
-            .claim_next(&lane, long_ago)
-            .expect("claim")
-            .expect("queued");
-        let done = Completion {
-            sent_ms: long_ago,
-            outcome: Outcome {
-                code: 200,
-                exec_ms: 3,
-                kept: true,
-            },
-            head: ResponseHead {
-                code: 200,
-                headers: vec![],
-                body: None,
-            },
-            body: vec![b'r'; 100],
-        };
-        let _ = store
-            .complete(&rec.id, claimed.claims, done, long_ago, 86_400_000)
-            .expect("complete");
+            .collect();
+        store.enqueue_batch(news).expect("enqueue");
+        let (claims, _) = store.claim_batch(&vec![lane; k], long_ago).expect("claim");
+        let ops = claims
+            .into_iter()
+            .filter_map(|c| match c {
+                Claim::Got(rec) => Some(Settle::Complete {
+                    id: rec.id,
+                    claims: rec.claims,
+                    done: Completion {
+                        sent_ms: long_ago,
+                        outcome: Outcome { code: 200, exec_ms: 3, kept: true },
+                        head: ResponseHead { code: 200, headers: vec![], body: None },
+                        body: vec![b'r'; 100],
+                    },
+                    now_ms: long_ago,
+                    retention_ms: 86_400_000,
+                }),
+                _ => None,
+            })
+            .collect();
+        store.settle_batch(ops).expect("complete");
+        made += k;
     }
     store.close().expect("close");
 }

@@ -93,7 +93,7 @@ impl Tx<'_> {
 impl Store {
     /// Applies `ops` in one transaction; for each, whether its claim was
     /// still current (false: stale, nothing changed).
-    pub(super) fn settle_batch(&self, ops: Vec<Settle>) -> Result<Vec<bool>, StoreError> {
+    pub fn settle_batch(&self, ops: Vec<Settle>) -> Result<Vec<bool>, StoreError> {
         let _gate = self.bodies.gate();
         let mut prepared = Vec::with_capacity(ops.len());
         for op in &ops {
