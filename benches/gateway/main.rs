@@ -37,6 +37,8 @@ struct Row {
 }
 
 const BODY_1K: usize = 1024;
+/// The heading of RESULTS.md's hand-written part, kept across runs.
+const FINDINGS: &str = "## What the profiles showed";
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -92,7 +94,10 @@ fn main() {
     println!("{table}");
     if !quick {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
-        std::fs::write(path, results_md(&table)).expect("write RESULTS.md");
+        // The findings written by hand below the table are kept.
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let findings = old.find(FINDINGS).map_or("", |at| &old[at..]);
+        std::fs::write(path, results_md(&table) + findings).expect("write RESULTS.md");
         eprintln!("written to {path}");
     }
 }
@@ -318,7 +323,11 @@ fn pending(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> 
 /// Fills a data dir with `n` requests done long ago, already past retention
 /// (through the store's batch operations, as the gateway itself writes).
 fn populate_expired(data: &std::path::Path, n: usize) {
-    let store = Store::open(&StoreConfig { path: data.to_path_buf(), cache_capacity: 64 << 20 }).expect("open");
+    let store = Store::open(&StoreConfig {
+        path: data.to_path_buf(),
+        cache_capacity: 64 << 20,
+    })
+    .expect("open");
     let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
     let long_ago = now_ms() - 3 * 86_400_000;
     let mut made = 0;
@@ -347,8 +356,16 @@ fn populate_expired(data: &std::path::Path, n: usize) {
                     claims: rec.claims,
                     done: Completion {
                         sent_ms: long_ago,
-                        outcome: Outcome { code: 200, exec_ms: 3, kept: true },
-                        head: ResponseHead { code: 200, headers: vec![], body: None },
+                        outcome: Outcome {
+                            code: 200,
+                            exec_ms: 3,
+                            kept: true,
+                        },
+                        head: ResponseHead {
+                            code: 200,
+                            headers: vec![],
+                            body: None,
+                        },
                         body: vec![b'r'; 100],
                     },
                     now_ms: long_ago,

@@ -91,3 +91,22 @@ impl ResponseError for ApiError {
             .json(json!({"error": {"code": self.code(), "message": message}}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_are_503_and_unreadable_data_500() {
+        for e in [
+            StoreError::NotDurable,
+            StoreError::Closed,
+            StoreError::Unavailable("disk full".into()),
+        ] {
+            let r = ApiError::Store(e).error_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let r = ApiError::Store(StoreError::Codec("bad".into())).error_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

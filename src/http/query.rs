@@ -4,7 +4,8 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::json;
 
 use super::{ApiError, State, single_header};
 use crate::callback::response_url;
@@ -32,25 +33,49 @@ pub async fn status(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     let rec = find_owned(&req, &state, &file)?;
-    let mut view = json!({
-        "id": rec.id.to_string(),
-        "status": rec.status.as_str(),
-        "created": format_time(rec.created_ms),
-    });
-    if let Some(started) = rec.started_ms.filter(|_| rec.status != Status::Enqueued) {
-        view["started"] = Value::from(format_time(started));
+    let view = StatusView::new(&rec, state.public_url.as_deref());
+    match &view.response_url {
+        Some(url) => Ok(HttpResponse::build(StatusCode::SEE_OTHER)
+            .insert_header((header::LOCATION, url.as_str()))
+            .json(&view)),
+        None => Ok(HttpResponse::Ok().json(&view)),
     }
-    match (rec.status, &rec.outcome) {
-        (Status::Done, Some(outcome)) => {
-            let url = response_url(state.public_url.as_deref(), &rec.id);
-            view["response_http_code"] = Value::from(outcome.code);
-            view["response_url"] = Value::from(url.clone());
-            view["exec_time"] = Value::from(outcome.exec_ms);
-            Ok(HttpResponse::build(StatusCode::SEE_OTHER)
-                .insert_header((header::LOCATION, url))
-                .json(view))
+}
+
+/// The status body (SPEC §2): the fields each status shows, in order.
+#[derive(Serialize)]
+struct StatusView {
+    id: String,
+    status: &'static str,
+    created: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_http_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec_time: Option<u64>,
+}
+
+impl StatusView {
+    fn new(rec: &RequestRecord, public_url: Option<&str>) -> StatusView {
+        let done = match (rec.status, &rec.outcome) {
+            (Status::Done, Some(o)) => Some(o),
+            _ => None,
+        };
+        StatusView {
+            id: rec.id.to_string(),
+            status: rec.status.as_str(),
+            created: format_time(rec.created_ms),
+            started: rec
+                .started_ms
+                .filter(|_| rec.status != Status::Enqueued)
+                .map(format_time),
+            response_http_code: done.map(|o| o.code),
+            response_url: done.map(|_| response_url(public_url, &rec.id)),
+            exec_time: done.map(|o| o.exec_ms),
         }
-        _ => Ok(HttpResponse::Ok().json(view)),
     }
 }
 

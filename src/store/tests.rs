@@ -262,3 +262,29 @@ fn a_second_open_of_the_same_dir_is_refused() {
         second.err()
     );
 }
+
+#[test]
+fn an_unreadable_record_is_quarantined_and_the_lane_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let bad = s.enqueue(new_request(1, "POST", vec![], false)).unwrap().0;
+    let good = s.enqueue(new_request(1, "POST", vec![], false)).unwrap().0;
+    s.tree(tx::RECORDS)
+        .insert(bad.id.as_bytes(), &b"\x01garbage"[..])
+        .unwrap();
+    // A batch claim falls back to one by one, which skips the bad record.
+    let (claims, _) = s.claim_batch(&[bad.lane, bad.lane], 5).unwrap();
+    assert!(
+        matches!(&claims[0], Claim::Got(r) if r.id == good.id),
+        "{claims:?}"
+    );
+    assert!(matches!(claims[1], Claim::Empty), "{claims:?}");
+    assert!(
+        s.pending_lanes().unwrap().is_empty(),
+        "the bad one is off its lane"
+    );
+    assert!(
+        matches!(s.get(&bad.id), Err(StoreError::Codec(_))),
+        "reads say so, no panic"
+    );
+}

@@ -179,10 +179,7 @@ impl Store {
     /// Stores new requests, each at the tail of its lane, in one
     /// transaction: sled rolls its log buffer and takes a global lock for
     /// every transaction, so one per request would bound the accept rate.
-    pub fn enqueue_batch(
-        &self,
-        news: Vec<NewRequest>,
-    ) -> Result<Vec<RequestRecord>, StoreError> {
+    pub fn enqueue_batch(&self, news: Vec<NewRequest>) -> Result<Vec<RequestRecord>, StoreError> {
         let _gate = self.bodies.gate();
         let mut recs = Vec::with_capacity(news.len());
         let mut sealed = Vec::with_capacity(news.len());

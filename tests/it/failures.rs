@@ -107,7 +107,7 @@ async fn an_upstream_that_is_down_then_up_runs_everything_once() {
                 .await,
         );
     }
-    actix_web::rt::time::sleep(SECS(3)).await;
+    actix_web::rt::time::sleep(SECS(10)).await;
     for id in &ids {
         // `started` can show for the moment of a connect attempt.
         let s = app.status(id, None).await.json()["status"].clone();
@@ -123,7 +123,8 @@ async fn an_upstream_that_is_down_then_up_runs_everything_once() {
     );
     let up = Fake::start_on(addr, |_, _| Reply::ok("up")).await;
     for id in &ids {
-        app.wait_for_status(id, None, "done", SECS(20)).await;
+        // Backoff reached 8 s while it was down: the next try comes by then.
+        app.wait_for_status(id, None, "done", SECS(30)).await;
     }
     let mut uris: Vec<String> = up.seen().into_iter().map(|s| s.uri).collect();
     uris.sort();

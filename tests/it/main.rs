@@ -8,6 +8,7 @@ mod crash;
 mod execute;
 mod failures;
 mod helpers;
+mod hostile;
 mod ops;
 mod pacing;
 mod process;
