@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use sled::IVec;
+
 pub use flusher::Ticket;
 pub use settle::{Claim, Settle};
 pub use tx::{Completion, NewRequest, Recovered};
@@ -268,11 +270,7 @@ impl Store {
 
     /// When the earliest pending callback is due.
     pub fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .tree(tx::CALLBACKS)
-            .first()?
-            .and_then(|(k, _)| keys::split_timed(&k))
-            .map(|(at, _)| at))
+        self.first_due(tx::CALLBACKS)
     }
 
     /// Callbacks due by `now_ms`: (due at, id, attempts so far).
@@ -281,8 +279,45 @@ impl Store {
         now_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, RequestId, u32)>, StoreError> {
+        Ok(self
+            .due(tx::CALLBACKS, now_ms, limit)?
+            .into_iter()
+            .map(|(at, id, v)| (at, id, codec::decode(&v).unwrap_or(0)))
+            .collect())
+    }
+
+    /// When the earliest retention ends.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        self.first_due(tx::EXPIRY)
+    }
+
+    /// Ids whose retention ended by `now_ms`, oldest first.
+    pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError> {
+        Ok(self
+            .due(tx::EXPIRY, now_ms, limit)?
+            .into_iter()
+            .map(|(at, id, _)| (at, id))
+            .collect())
+    }
+
+    /// The earliest time in a time-ordered index (`keys::timed`).
+    fn first_due(&self, tree: usize) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree(tree)
+            .first()?
+            .and_then(|(k, _)| keys::split_timed(&k))
+            .map(|(at, _)| at))
+    }
+
+    /// Up to `limit` entries of a time-ordered index due by `now_ms`.
+    fn due(
+        &self,
+        tree: usize,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RequestId, IVec)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree(tx::CALLBACKS).iter() {
+        for item in self.tree(tree).iter() {
             let (k, v) = item?;
             let Some((at, id)) = keys::split_timed(&k) else {
                 continue;
@@ -290,32 +325,7 @@ impl Store {
             if at > now_ms || out.len() >= limit {
                 break;
             }
-            out.push((at, id, codec::decode(&v).unwrap_or(0)));
-        }
-        Ok(out)
-    }
-
-    /// When the earliest retention ends.
-    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .tree(tx::EXPIRY)
-            .first()?
-            .and_then(|(k, _)| keys::split_timed(&k))
-            .map(|(at, _)| at))
-    }
-
-    /// Ids whose retention ended by `now_ms`, oldest first.
-    pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree(tx::EXPIRY).iter() {
-            let (k, _) = item?;
-            let Some((at, id)) = keys::split_timed(&k) else {
-                continue;
-            };
-            if at > now_ms || out.len() >= limit {
-                break;
-            }
-            out.push((at, id));
+            out.push((at, id, v));
         }
         Ok(out)
     }

@@ -7,18 +7,17 @@ use crate::helpers::*;
 
 const ADMIN: &str = "Bearer admin-secret";
 
+/// One admin call with the right token.
+async fn admin(app: &TestApp, method: &str, path: &str) -> Answer {
+    app.call(method, path, &[("Authorization", ADMIN)], b"")
+        .await
+}
+
 #[actix_web::test]
 async fn the_admin_api_is_absent_without_a_token() {
     let up = Fake::start().await;
     let app = TestApp::start(&up.url(), &[]).await;
-    let a = app
-        .call(
-            "GET",
-            "/admin/requests?status=unknown",
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let a = admin(&app, "GET", "/admin/requests?status=unknown").await;
     assert_eq!(a.status, 404);
     app.stop().await;
 }
@@ -68,14 +67,7 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
         assert_eq!(a.status, 401, "{bad:?}");
         assert_eq!(a.json()["error"]["code"], "unauthorized");
     }
-    let list = app
-        .call(
-            "GET",
-            "/admin/requests?status=unknown&limit=10",
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let list = admin(&app, "GET", "/admin/requests?status=unknown&limit=10").await;
     assert_eq!(list.status, 200);
     let v = list.json();
     assert_eq!(v["next"], serde_json::Value::Null);
@@ -87,75 +79,36 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
         item["started"].is_string() && item["created"].is_string(),
         "{item}"
     );
-    let bad = app
-        .call(
-            "GET",
-            "/admin/requests?status=lost",
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let bad = admin(&app, "GET", "/admin/requests?status=lost").await;
     assert_eq!(bad.status, 400);
 
     // Paging: one at a time over the enqueued and unknown ones.
-    let page = app
-        .call(
-            "GET",
-            "/admin/requests?status=enqueued&limit=1",
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let page = admin(&app, "GET", "/admin/requests?status=enqueued&limit=1").await;
     assert_eq!(page.json()["items"][0]["id"], waiting.as_str());
     let next = page.json()["next"].as_str().unwrap().to_string();
-    let after = app
-        .call(
-            "GET",
-            &format!("/admin/requests?status=enqueued&limit=1&after={next}"),
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let after = admin(
+        &app,
+        "GET",
+        &format!("/admin/requests?status=enqueued&limit=1&after={next}"),
+    )
+    .await;
     assert_eq!(after.json()["items"].as_array().unwrap().len(), 0);
 
     // Conflicts: a waiting request can be neither deleted nor requeued.
-    let del = app
-        .call(
-            "DELETE",
-            &format!("/admin/requests/{waiting}"),
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let del = admin(&app, "DELETE", &format!("/admin/requests/{waiting}")).await;
     assert_eq!(del.status, 409);
-    let rq = app
-        .call(
-            "POST",
-            &format!("/admin/requests/{waiting}/requeue"),
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let rq = admin(&app, "POST", &format!("/admin/requests/{waiting}/requeue")).await;
     assert_eq!(rq.status, 409);
-    let none = app
-        .call(
-            "POST",
-            "/admin/requests/01JDQ8M3Z1X4A6QF0W3N9YB2KD/requeue",
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let none = admin(
+        &app,
+        "POST",
+        "/admin/requests/01JDQ8M3Z1X4A6QF0W3N9YB2KD/requeue",
+    )
+    .await;
     assert_eq!(none.status, 404);
 
     // Requeue: it runs once more, with its original credential.
-    let rq = app
-        .call(
-            "POST",
-            &format!("/admin/requests/{lost}/requeue"),
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let rq = admin(&app, "POST", &format!("/admin/requests/{lost}/requeue")).await;
     assert_eq!(rq.status, 202);
     app.wait_for_status(&lost, Some("Bearer owner"), "done", SECS(10))
         .await;
@@ -170,14 +123,7 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
         .collect();
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[1].header("authorization"), Some("Bearer owner"));
-    let again = app
-        .call(
-            "POST",
-            &format!("/admin/requests/{lost}/requeue"),
-            &[("Authorization", ADMIN)],
-            b"",
-        )
-        .await;
+    let again = admin(&app, "POST", &format!("/admin/requests/{lost}/requeue")).await;
     assert_eq!(again.status, 409, "only unknown requests are requeued");
 
     // The CLI drives the same API.
