@@ -117,8 +117,8 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_PUBLIC_URL")]
     pub public_url: Option<String>,
 
-    /// Bytes of the store's page cache.
-    #[arg(long, env = "ASYNCGATE_CACHE_CAPACITY", default_value = "64MiB", value_parser = parse_size)]
+    /// Bytes of the store's page cache (sled's estimate; RSS runs above it).
+    #[arg(long, env = "ASYNCGATE_CACHE_CAPACITY", default_value = "16MiB", value_parser = parse_size)]
     pub cache_capacity: u64,
 
     /// HTTP worker threads [default: one per core].

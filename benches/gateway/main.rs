@@ -4,6 +4,8 @@
 //!
 //!     cargo bench --bench gateway              # full run, writes benches/RESULTS.md
 //!     cargo bench --bench gateway -- --quick   # seconds; CI runs it so it cannot rot
+//!     cargo bench --bench gateway -- --only pending   # one scenario: accept, polls, e2e,
+//!                                                     # dispatch, pending or sweep
 //!
 //! Timings never fail anything: the table says which targets were met.
 
@@ -66,33 +68,48 @@ fn main() {
     let scratch = tempfile::tempdir().expect("scratch dir");
     let dir = |name: &str| scratch.path().join(name);
 
-    eprintln!("accept ...");
-    rows.push(accept(&sizes, &upstream_url, &up_state, &dir("accept")));
-    eprintln!("status polls ...");
-    rows.push(polls(&sizes, &upstream_url, &up_state, &dir("polls")));
-    eprintln!("end to end ...");
-    rows.push(end_to_end(&sizes, &upstream_url, &up_state, &dir("e2e")));
-    eprintln!("idle dispatch latency ...");
-    rows.extend(dispatch_latency(
-        &sizes,
-        &upstream_url,
-        &up_state,
-        &dir("dispatch"),
-    ));
-    eprintln!("{} pending ...", sizes.pending);
-    rows.extend(pending(&sizes, &upstream_url, &up_state, &dir("pending")));
-    eprintln!("retention sweep of {} ...", sizes.sweep);
-    rows.push(sweep(
-        &sizes,
-        &upstream_url,
-        &up_state,
-        &dir("sweep-idle"),
-        &dir("sweep"),
-    ));
+    // `--only NAME` runs one scenario (and writes no RESULTS.md).
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("accept") {
+        eprintln!("accept ...");
+        rows.push(accept(&sizes, &upstream_url, &up_state, &dir("accept")));
+    }
+    if run("polls") {
+        eprintln!("status polls ...");
+        rows.push(polls(&sizes, &upstream_url, &up_state, &dir("polls")));
+    }
+    if run("e2e") {
+        eprintln!("end to end ...");
+        rows.push(end_to_end(&sizes, &upstream_url, &up_state, &dir("e2e")));
+    }
+    if run("dispatch") {
+        eprintln!("idle dispatch latency ...");
+        rows.extend(dispatch_latency(
+            &sizes,
+            &upstream_url,
+            &up_state,
+            &dir("dispatch"),
+        ));
+    }
+    if run("pending") {
+        eprintln!("{} pending ...", sizes.pending);
+        rows.extend(pending(&sizes, &upstream_url, &up_state, &dir("pending")));
+    }
+    if run("sweep") {
+        eprintln!("retention sweep of {} ...", sizes.sweep);
+        rows.push(sweep(
+            &sizes,
+            &upstream_url,
+            &up_state,
+            &dir("sweep-idle"),
+            &dir("sweep"),
+        ));
+    }
 
     let table = render(&rows);
     println!("{table}");
-    if !quick {
+    if !quick && only.is_none() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
         // The findings written by hand below the table are kept.
         let old = std::fs::read_to_string(path).unwrap_or_default();
