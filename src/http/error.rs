@@ -17,6 +17,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    #[error("the path, query, headers and callback URL together pass the limit of {0} bytes")]
+    HeadersTooLarge(usize),
     #[error("the body is larger than the limit of {0} bytes")]
     BodyTooLarge(u64),
     #[error("this needs the admin token: Authorization: Bearer <--admin-token>")]
@@ -47,6 +49,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BadRequest { code, .. } => code,
             ApiError::BodyTooLarge(_) => "body_too_large",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Conflict(_) => "conflict",
             ApiError::ResponseTooLarge => "response_too_large",
@@ -65,6 +68,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest { .. } | ApiError::BodyUnreadable(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,

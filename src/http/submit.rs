@@ -25,6 +25,13 @@ const NOT_FORWARDED: [&str; 6] = [
     "expect",
 ];
 
+/// The most bytes of path, query, headers and callback URL a submission
+/// may carry. They are stored inside the request's record, and sled writes
+/// a leaf (up to 16 records) whose size passes ~128 KiB as a blob file it
+/// never fsyncs: 16 × 7 KiB stays under that, so records stay power-cut
+/// safe. (Bodies have no such limit: they live in segment files.)
+pub const MAX_HEAD: usize = 7 * 1024;
+
 pub async fn submit(
     req: HttpRequest,
     payload: web::Payload,
@@ -53,6 +60,16 @@ pub async fn submit(
             .map(|(n, v)| (n.as_str(), v.as_bytes())),
         &NOT_FORWARDED,
     );
+    let size = rest.len()
+        + req.query_string().len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>()
+        + callback.as_ref().map_or(0, |c| c.url.len());
+    if size > MAX_HEAD {
+        return Err(ApiError::HeadersTooLarge(MAX_HEAD));
+    }
     let id = RequestId::generate();
     let lane = credential_hash(state.store.salt(), credential);
     let sealed_credential = state.sealer.seal(&id, &credential_plaintext(credential))?;

@@ -9,6 +9,8 @@ use crate::model::{LaneKey, RequestId, Status};
 pub enum Body {
     Request = 0,
     Response = 1,
+    /// The response's status and headers (kept out of sled: see `bodies`).
+    ResponseHead = 2,
 }
 
 /// A reference from a body segment to a request: the segment can be

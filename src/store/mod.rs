@@ -186,12 +186,20 @@ impl Store {
 
     /// The stored response head and, unless it was too large, its body.
     pub fn response(&self, id: &RequestId) -> Result<Option<(ResponseHead, Vec<u8>)>, StoreError> {
+        let Some((_, head)) = self.response_head(id)? else {
+            return Ok(None);
+        };
+        let body = self.read_body(head.body)?;
+        Ok(Some((head, body)))
+    }
+
+    /// Where the response head is, and the head.
+    fn response_head(&self, id: &RequestId) -> Result<Option<(BodyRef, ResponseHead)>, StoreError> {
         let Some(v) = self.tree(tx::RESPONSES).get(id.as_bytes())? else {
             return Ok(None);
         };
-        let head: ResponseHead = codec::decode(&v)?;
-        let body = self.read_body(head.body)?;
-        Ok(Some((head, body)))
+        let at: BodyRef = codec::decode(&v)?;
+        Ok(Some((at, codec::decode(&self.bodies.read(&at)?)?)))
     }
 
     fn read_body(&self, body: Option<BodyRef>) -> Result<Vec<u8>, StoreError> {

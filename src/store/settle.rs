@@ -38,7 +38,9 @@ pub enum Settle {
 
 /// A completion's response head, encoded before the transaction.
 struct Prepared {
-    head: Vec<u8>,
+    /// The `responses` value: where the encoded head lives.
+    value: Vec<u8>,
+    head: BodyRef,
     body: Option<BodyRef>,
 }
 
@@ -68,7 +70,9 @@ impl Tx<'_> {
                 let p = prepared.ok_or_else(|| Conflict::Abort(StoreError::Closed))?;
                 rec.started_ms = Some(done.sent_ms);
                 rec.outcome = Some(done.outcome.clone());
-                self.t(RESPONSES).insert(id.as_bytes(), p.head.as_slice())?;
+                self.t(RESPONSES)
+                    .insert(id.as_bytes(), p.value.as_slice())?;
+                self.add_body(id, Body::ResponseHead, Some(p.head))?;
                 self.add_body(id, Body::Response, p.body)?;
                 self.drop_body(id, Body::Request, rec.body.take())?;
                 self.t(SEALED).remove(id.as_bytes())?;
@@ -99,10 +103,15 @@ impl Store {
         for op in &ops {
             prepared.push(match op {
                 Settle::Complete { done, .. } => {
+                    // The head goes to the segment files too: upstream
+                    // headers can be large, and sled writes a leaf whose
+                    // values pass ~128 KiB as a blob file it never fsyncs.
                     let mut head = done.head.clone();
                     head.body = self.append_body(&done.body)?;
+                    let head_ref = self.bodies.append(&codec::encode(&head)?)?;
                     Some(Prepared {
-                        head: codec::encode(&head)?,
+                        value: codec::encode(&head_ref)?,
+                        head: head_ref,
                         body: head.body,
                     })
                 }

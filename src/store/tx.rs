@@ -317,8 +317,7 @@ impl Store {
     /// Deletes a request and everything stored for it. With `only_finished`
     /// it refuses (false) while the request is `enqueued` or `started`.
     pub fn delete(&self, id: &RequestId, only_finished: bool) -> Result<bool, StoreError> {
-        let head = self.tree(RESPONSES).get(id.as_bytes())?;
-        let head: Option<ResponseHead> = head.map(|v| codec::decode(&v)).transpose()?;
+        let head = self.response_head(id)?;
         self.transact(|tx| {
             let Some(rec) = tx.record(id)? else {
                 return Ok(false);
@@ -332,7 +331,10 @@ impl Store {
             }
             tx.index_status(rec.status, id, false)?;
             tx.drop_body(id, Body::Request, rec.body)?;
-            tx.drop_body(id, Body::Response, head.as_ref().and_then(|h| h.body))?;
+            if let Some((at, head)) = &head {
+                tx.drop_body(id, Body::ResponseHead, Some(*at))?;
+                tx.drop_body(id, Body::Response, head.body)?;
+            }
             tx.t(RESPONSES).remove(id.as_bytes())?;
             tx.t(SEALED).remove(id.as_bytes())?;
             if let Some(e) = rec.expires_ms {

@@ -147,6 +147,7 @@ async fn bad_submissions_get_a_json_4xx_and_nothing_is_stored_or_sent() {
     let up = Fake::start().await;
     let app = TestApp::start(&up.url(), &["--max-body-size", "1KiB"]).await;
     type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+    let big_header = "h".repeat(8 * 1024);
     let cases: Vec<Case> = vec![
         (
             vec![("X-Callback-Location", "/relative")],
@@ -185,6 +186,12 @@ async fn bad_submissions_get_a_json_4xx_and_nothing_is_stored_or_sent() {
             "multiple_authorization",
         ),
         (vec![], vec![b'x'; 1025], 413, "body_too_large"),
+        (
+            vec![("X-Big", big_header.as_str())],
+            vec![],
+            431,
+            "headers_too_large",
+        ),
     ];
     for (headers, body, status, code) in cases {
         let a = app
