@@ -43,9 +43,9 @@ impl<Op, Out> Combiner<Op, Out> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies `op` with whatever else is queued. With `gather`, a new
-    /// leader first yields once, so tasks of the same thread (the
-    /// dispatcher's) can join the batch.
+    /// Applies `op` with whatever else is queued. With `gather`, the caller
+    /// first yields once, so tasks of the same thread (the dispatcher's)
+    /// can join the batch.
     pub async fn combine(
         &self,
         op: Op,
@@ -53,15 +53,15 @@ impl<Op, Out> Combiner<Op, Out> {
         apply: impl Fn(Vec<Op>) -> Result<Vec<Out>, StoreError>,
     ) -> Result<Out, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let lead = {
-            let mut q = self.lock();
-            q.waiting.push((op, reply));
-            !std::mem::replace(&mut q.leading, true)
-        };
+        self.lock().waiting.push((op, reply));
+        if gather {
+            tokio::task::yield_now().await;
+        }
+        // Leadership is taken and given up under the lock, with no await
+        // in between: a queued operation always finds a leader, even if
+        // this caller's future is dropped at the yield above.
+        let lead = !std::mem::replace(&mut self.lock().leading, true);
         if lead {
-            if gather {
-                tokio::task::yield_now().await;
-            }
             self.lead(&apply);
         }
         answer.await.map_err(|_| StoreError::Closed)?

@@ -288,3 +288,72 @@ fn an_unreadable_record_is_quarantined_and_the_lane_goes_on() {
         "reads say so, no panic"
     );
 }
+
+#[test]
+fn concurrent_submissions_are_combined_and_all_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(open(dir.path()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for _ in 0..50 {
+                        let (rec, ticket) = s
+                            .submit(new_request(t, "POST", vec![t; 10], false))
+                            .await
+                            .unwrap();
+                        s.durable(ticket).await.unwrap();
+                        assert_eq!(rec.status, Status::Enqueued);
+                    }
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(count(&s, Status::Enqueued), 200);
+    // Settling through the combiner from one thread's tasks.
+    let lane = [0u8; 32];
+    let (claims, _) = s.claim_batch(&[lane; 4], 10).unwrap();
+    let ops: Vec<Settle> = claims
+        .into_iter()
+        .map(|c| match c {
+            Claim::Got(r) => Settle::Requeue {
+                id: r.id,
+                claims: r.claims,
+            },
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let settled = rt.block_on(async {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let tasks: Vec<_> = ops
+                    .into_iter()
+                    .map(|op| {
+                        let s = s.clone();
+                        tokio::task::spawn_local(async move { s.settle(op).await })
+                    })
+                    .collect();
+                let mut n = 0;
+                for t in tasks {
+                    n += t.await.unwrap().unwrap().is_some() as usize;
+                }
+                n
+            })
+            .await
+    });
+    assert_eq!(settled, 4);
+    assert_eq!(count(&s, Status::Enqueued), 200);
+}
