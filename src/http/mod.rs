@@ -31,50 +31,45 @@ pub struct State {
     pub admin_token: Option<String>,
 }
 
+/// The routes. The hot ones (submit, status, response) are static-prefix
+/// scopes whose handlers read the rest of the path themselves: actix's
+/// dynamic segments run a regex per request, which took a sixth of the CPU
+/// of status polls (benches/RESULTS.md).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(query::healthz))
         .route("/metrics", web::get().to(query::metrics))
-        .service(
-            web::resource("/async_api/v2/requests/{file}")
-                .route(web::get().to(query::status))
-                .route(web::head().to(query::status))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/async_api/v2/responses/{file}")
-                .route(web::get().to(query::response))
-                .route(web::head().to(query::response))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .route("/admin/requests", web::get().to(admin::list))
-        .route(
-            "/admin/requests/{id}/requeue",
-            web::post().to(admin::requeue),
-        )
-        .route("/admin/requests/{id}", web::delete().to(admin::delete))
         // Reserved: never forwarded (a listing endpoint comes later).
+        .service(web::resource("/async_api/v2/requests.json").to(not_found))
+        .service(web::scope("/async_api/v2/requests").default_service(web::to(query::status)))
+        .service(web::scope("/async_api/v2/responses").default_service(web::to(query::response)))
         .service(
-            web::resource([
-                "/async_api/v2/requests.json",
-                "/async_api/v2/requests/{tail:.*}",
-                "/async_api/v2/responses/{tail:.*}",
-                "/admin",
-                "/admin/{tail:.*}",
-                "/healthz",
-                "/metrics",
-            ])
-            .to(not_found),
+            web::scope("/admin")
+                .route("/requests", web::get().to(admin::list))
+                .route("/requests/{id}/requeue", web::post().to(admin::requeue))
+                .route("/requests/{id}", web::delete().to(admin::delete))
+                .default_service(web::to(not_found)),
         )
-        .service(web::resource("/async_api/{tail:.*}").to(submit::submit))
+        .service(web::scope("/async_api").default_service(web::to(submit::submit)))
         .default_service(web::to(not_found));
+}
+
+/// The `{file}` of a status or response path, for GET and HEAD only: one
+/// path segment after `prefix`; anything deeper is 404, other methods 405.
+fn reserved_file<'a>(req: &'a HttpRequest, prefix: &str) -> Result<&'a str, ApiError> {
+    let file = req
+        .path()
+        .strip_prefix(prefix)
+        .filter(|f| !f.is_empty() && !f.contains('/'))
+        .ok_or(ApiError::NotFound)?;
+    if req.method() != actix_web::http::Method::GET && req.method() != actix_web::http::Method::HEAD
+    {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    Ok(file)
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
 }
 
 /// The single value of a header; `Err` when it is repeated.

@@ -7,7 +7,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{ApiError, State, single_header};
+use super::{ApiError, State, reserved_file, single_header};
 use crate::callback::response_url;
 use crate::crypto::{credential_hash, same_owner};
 use crate::model::{RequestId, RequestRecord, Status, format_time, now_ms};
@@ -27,12 +27,9 @@ fn find_owned(req: &HttpRequest, state: &State, file: &str) -> Result<RequestRec
     Ok(rec)
 }
 
-pub async fn status(
-    req: HttpRequest,
-    file: web::Path<String>,
-    state: web::Data<State>,
-) -> Result<HttpResponse, ApiError> {
-    let rec = find_owned(&req, &state, &file)?;
+pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
+    let file = reserved_file(&req, "/async_api/v2/requests/")?;
+    let rec = find_owned(&req, &state, file)?;
     let view = StatusView::new(&rec, state.public_url.as_deref());
     match &view.response_url {
         Some(url) => Ok(HttpResponse::build(StatusCode::SEE_OTHER)
@@ -79,12 +76,9 @@ impl StatusView {
     }
 }
 
-pub async fn response(
-    req: HttpRequest,
-    file: web::Path<String>,
-    state: web::Data<State>,
-) -> Result<HttpResponse, ApiError> {
-    let rec = find_owned(&req, &state, &file)?;
+pub async fn response(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
+    let file = reserved_file(&req, "/async_api/v2/responses/")?;
+    let rec = find_owned(&req, &state, file)?;
     let outcome = match (&rec.status, &rec.outcome) {
         (Status::Done, Some(o)) => o,
         _ => return Err(ApiError::NotFound),

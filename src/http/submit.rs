@@ -37,6 +37,10 @@ pub async fn submit(
     payload: web::Payload,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
+    let rest = req
+        .path()
+        .strip_prefix("/async_api/")
+        .ok_or(ApiError::NotFound)?;
     if req.method() == Method::CONNECT || req.method() == Method::TRACE {
         return Err(ApiError::MethodNotAllowed);
     }
@@ -49,7 +53,6 @@ pub async fn submit(
     let callback = callback(&req)?;
     let body = read_body(&req, payload, state.max_body_size).await?;
 
-    let rest = req.path().strip_prefix("/async_api/").unwrap_or_default();
     let target = match req.uri().query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),

@@ -87,6 +87,14 @@ impl Proc {
     }
 }
 
+/// A test that fails half way must not leave a gateway running.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn data_and_log() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

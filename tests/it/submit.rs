@@ -247,6 +247,11 @@ async fn reserved_paths_are_never_forwarded() {
         ("GET", "/admin/requests", 404),
         ("POST", "/healthz", 404),
         ("GET", "/api/v2/x.json", 404),
+        ("POST", "/async_api", 404),
+        ("POST", "/async_apix/v2", 404),
+        ("GET", "/async_api/v2/requests", 404),
+        ("GET", "/async_api/v2/responses/", 404),
+        ("POST", "/admin", 404),
     ] {
         let a = app.call(method, path, &[], b"").await;
         assert_eq!(a.status, status, "{method} {path}");
