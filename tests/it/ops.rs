@@ -90,21 +90,23 @@ async fn logs_never_show_credentials_bodies_or_query_strings() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = bin()
-        .args([
-            "serve",
-            "--upstream",
-            &up.url(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        bin()
+            .args([
+                "serve",
+                "--upstream",
+                &up.url(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let client = awc::Client::builder().disable_redirects().finish();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + SECS(20);
@@ -141,8 +143,8 @@ async fn logs_never_show_credentials_bodies_or_query_strings() {
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     }
     actix_web::rt::time::sleep(SECS(2)).await; // a callback attempt or two
-    unsafe_kill_term(child.id());
-    let status = child.wait().unwrap();
+    send_sigterm(child.0.id());
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("asyncgate listening"), "{log}");
@@ -154,7 +156,17 @@ async fn logs_never_show_credentials_bodies_or_query_strings() {
     }
 }
 
-fn unsafe_kill_term(pid: u32) {
+/// Kills the child if the test fails before it stops it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn send_sigterm(pid: u32) {
     let ok = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
