@@ -7,6 +7,15 @@ use crate::helpers::*;
 
 const ADMIN: &str = "Bearer admin-secret";
 
+/// `asyncgate admin --url <app> --admin-token <token> <args>`.
+fn admin_cli(app: &TestApp, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_asyncgate"))
+        .args(["admin", "--url", &app.url(""), "--admin-token", token])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// One admin call with the right token.
 async fn admin(app: &TestApp, method: &str, path: &str) -> Answer {
     app.call(method, path, &[("Authorization", ADMIN)], b"")
@@ -127,19 +136,7 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
     assert_eq!(again.status, 409, "only unknown requests are requeued");
 
     // The CLI drives the same API.
-    let cli = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
-        .args([
-            "admin",
-            "--url",
-            &app.url(""),
-            "--admin-token",
-            "admin-secret",
-            "list",
-            "--status",
-            "done",
-        ])
-        .output()
-        .unwrap();
+    let cli = admin_cli(&app, "admin-secret", &["list", "--status", "done"]);
     assert!(
         cli.status.success(),
         "{}",
@@ -147,18 +144,7 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
     );
     let listed: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
     assert_eq!(listed["items"][0]["id"], lost.as_str());
-    let cli = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
-        .args([
-            "admin",
-            "--url",
-            &app.url(""),
-            "--admin-token",
-            "admin-secret",
-            "delete",
-            &lost,
-        ])
-        .output()
-        .unwrap();
+    let cli = admin_cli(&app, "admin-secret", &["delete", &lost]);
     assert!(
         cli.status.success(),
         "{}",
@@ -166,17 +152,7 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
     );
     assert_eq!(app.status(&lost, Some("Bearer owner")).await.status, 404);
     assert_eq!(app.response(&lost, Some("Bearer owner")).await.status, 404);
-    let cli = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
-        .args([
-            "admin",
-            "--url",
-            &app.url(""),
-            "--admin-token",
-            "wrong",
-            "list",
-        ])
-        .output()
-        .unwrap();
+    let cli = admin_cli(&app, "wrong", &["list"]);
     assert!(!cli.status.success(), "a refused call exits non-zero");
     app.stop().await;
 }
