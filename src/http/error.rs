@@ -54,7 +54,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::ResponseTooLarge => "response_too_large",
             ApiError::BodyUnreadable(_) => "body_unreadable",
-            ApiError::Store(StoreError::Codec(_)) => "internal_error",
+            ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_)) => "internal_error",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Crypto(_) => "internal_error",
         }
@@ -72,9 +72,8 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,
-            ApiError::Store(StoreError::Codec(_)) | ApiError::Crypto(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_))
+            | ApiError::Crypto(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

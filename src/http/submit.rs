@@ -10,7 +10,7 @@ use super::{ApiError, State, single_header};
 use crate::crypto::credential_hash;
 use crate::dispatcher::credential_plaintext;
 use crate::model::{Callback, CallbackMethod, RequestId, end_to_end, format_time, now_ms};
-use crate::store::NewRequest;
+use crate::store::{self, NewRequest};
 
 /// Request headers that are not forwarded besides the hop-by-hop ones:
 /// the upstream gets its own `Host` and `Content-Length`, the callback
@@ -24,13 +24,6 @@ const NOT_FORWARDED: [&str; 6] = [
     "x-callback-method",
     "expect",
 ];
-
-/// The most bytes of path, query, headers and callback URL a submission
-/// may carry. They are stored inside the request's record, and sled writes
-/// a leaf (up to 16 records) whose size passes ~128 KiB as a blob file it
-/// never fsyncs: 16 × 7 KiB stays under that, so records stay power-cut
-/// safe. (Bodies have no such limit: they live in segment files.)
-pub const MAX_HEAD: usize = 7 * 1024;
 
 pub async fn submit(
     req: HttpRequest,
@@ -63,15 +56,8 @@ pub async fn submit(
             .map(|(n, v)| (n.as_str(), v.as_bytes())),
         &NOT_FORWARDED,
     );
-    let size = rest.len()
-        + req.query_string().len()
-        + headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len())
-            .sum::<usize>()
-        + callback.as_ref().map_or(0, |c| c.url.len());
-    if size > MAX_HEAD {
-        return Err(ApiError::HeadersTooLarge(MAX_HEAD));
+    if store::record_extras(&target, &headers, callback.as_ref()) > store::MAX_RECORD_EXTRAS {
+        return Err(ApiError::HeadersTooLarge(store::MAX_RECORD_EXTRAS));
     }
     let id = RequestId::generate();
     let lane = credential_hash(state.store.salt(), credential);

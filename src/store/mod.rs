@@ -35,7 +35,7 @@ use sled::IVec;
 
 pub use flusher::Ticket;
 pub use settle::{Claim, Settle};
-pub use tx::{Completion, NewRequest, Recovered};
+pub use tx::{Completion, MAX_RECORD_EXTRAS, NewRequest, Recovered, record_extras};
 
 use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 use bodies::Bodies;
@@ -57,6 +57,8 @@ pub enum StoreError {
     Closed,
     #[error("the store failed: {0}")]
     Unavailable(String),
+    #[error("refused status change: {0}")]
+    Transition(String),
 }
 
 pub struct StoreConfig {
@@ -186,20 +188,30 @@ impl Store {
 
     /// The stored response head and, unless it was too large, its body.
     pub fn response(&self, id: &RequestId) -> Result<Option<(ResponseHead, Vec<u8>)>, StoreError> {
-        let Some((_, head)) = self.response_head(id)? else {
+        let Some(head) = self.response_head(id)? else {
             return Ok(None);
         };
         let body = self.read_body(head.body)?;
         Ok(Some((head, body)))
     }
 
-    /// Where the response head is, and the head.
-    fn response_head(&self, id: &RequestId) -> Result<Option<(BodyRef, ResponseHead)>, StoreError> {
-        let Some(v) = self.tree(tx::RESPONSES).get(id.as_bytes())? else {
+    /// The response head.
+    fn response_head(&self, id: &RequestId) -> Result<Option<ResponseHead>, StoreError> {
+        let Some((at, _)) = self.response_refs(id)? else {
             return Ok(None);
         };
-        let at: BodyRef = codec::decode(&v)?;
-        Ok(Some((at, codec::decode(&self.bodies.read(&at)?)?)))
+        Ok(Some(codec::decode(&self.bodies.read(&at)?)?))
+    }
+
+    /// Where the response head and body are, without reading either.
+    fn response_refs(
+        &self,
+        id: &RequestId,
+    ) -> Result<Option<(BodyRef, Option<BodyRef>)>, StoreError> {
+        match self.tree(tx::RESPONSES).get(id.as_bytes())? {
+            Some(v) => Ok(Some(codec::decode(&v)?)),
+            None => Ok(None),
+        }
     }
 
     fn read_body(&self, body: Option<BodyRef>) -> Result<Vec<u8>, StoreError> {
@@ -336,11 +348,6 @@ impl Store {
             out.push((at, id, v));
         }
         Ok(out)
-    }
-
-    /// Bytes the store occupies on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 

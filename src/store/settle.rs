@@ -38,7 +38,7 @@ pub enum Settle {
 
 /// A completion's response head, encoded before the transaction.
 struct Prepared {
-    /// The `responses` value: where the encoded head lives.
+    /// The `responses` value: where the encoded head and the body live.
     value: Vec<u8>,
     head: BodyRef,
     body: Option<BodyRef>,
@@ -110,7 +110,7 @@ impl Store {
                     head.body = self.append_body(&done.body)?;
                     let head_ref = self.bodies.append(&codec::encode(&head)?)?;
                     Some(Prepared {
-                        value: codec::encode(&head_ref)?,
+                        value: codec::encode(&(head_ref, head.body))?,
                         head: head_ref,
                         body: head.body,
                     })

@@ -357,3 +357,21 @@ fn concurrent_submissions_are_combined_and_all_answered() {
     assert_eq!(settled, 4);
     assert_eq!(count(&s, Status::Enqueued), 200);
 }
+
+#[test]
+fn a_status_change_the_model_forbids_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let rec = s.enqueue(new_request(1, "POST", vec![], false)).unwrap().0;
+    let skipped = s.transact(|tx| {
+        let mut r = rec.clone();
+        tx.set_status(&mut r, Status::Done)
+    });
+    assert!(
+        matches!(skipped, Err(StoreError::Transition(_))),
+        "{skipped:?}"
+    );
+    assert_eq!(s.get(&rec.id).unwrap().unwrap().status, Status::Enqueued);
+    assert_eq!(count(&s, Status::Enqueued), 1);
+    assert_eq!(count(&s, Status::Done), 0);
+}

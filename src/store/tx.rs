@@ -48,10 +48,19 @@ impl Tx<'_> {
     }
 
     /// Moves `rec` to `to`, keeping the status index and counters in step.
+    /// Only the transitions `Status::can_become` allows; anything else is
+    /// a bug, and the transaction is aborted rather than the data bent.
     pub(super) fn set_status(&self, rec: &mut RequestRecord, to: Status) -> TxResult<()> {
-        if rec.status != to {
-            self.index_status(rec.status, &rec.id, false)?;
+        if !rec.status.can_become(to) {
+            let why = format!(
+                "{}: {} cannot become {}",
+                rec.id,
+                rec.status.as_str(),
+                to.as_str()
+            );
+            return Err(Conflict::Abort(StoreError::Transition(why)));
         }
+        self.index_status(rec.status, &rec.id, false)?;
         rec.status = to;
         self.index_status(to, &rec.id, true)
     }
@@ -121,6 +130,24 @@ impl Tx<'_> {
             .record(id)?
             .filter(|r| r.status == status && claims.is_none_or(|c| c == r.claims)))
     }
+}
+
+/// The most bytes of target, headers and callback URL a request record may
+/// carry. sled writes a leaf (up to 16 records) whose encoding passes
+/// about a quarter segment (~128 KiB) as a blob file it never fsyncs:
+/// 16 × 7 KiB stays under that, so every record is power-cut safe. Bodies
+/// and responses have no such limit: they live in segment files.
+pub const MAX_RECORD_EXTRAS: usize = 7 * 1024;
+
+/// The variable-sized part of a record, measured against
+/// `MAX_RECORD_EXTRAS` (callers check before `submit`).
+pub fn record_extras(target: &str, headers: &[Header], callback: Option<&Callback>) -> usize {
+    target.len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>()
+        + callback.map_or(0, |c| c.url.len())
 }
 
 /// What the HTTP layer hands over for a new request.
@@ -204,14 +231,13 @@ impl Store {
             sealed.push(new.sealed_credential);
         }
         self.transact(|tx| {
-            for (rec, sealed) in recs.iter().zip(&sealed) {
-                let mut r = rec.clone();
+            for (r, sealed) in recs.iter().zip(&sealed) {
                 tx.add_body(&r.id, Body::Request, r.body)?;
                 tx.t(SEALED).insert(r.id.as_bytes(), sealed.as_slice())?;
                 tx.t(LANES)
                     .insert(&keys::lane(&r.lane, r.seq)[..], r.id.as_bytes())?;
-                tx.set_status(&mut r, Status::Enqueued)?;
-                tx.put(&r)?;
+                tx.index_status(Status::Enqueued, &r.id, true)?;
+                tx.put(r)?;
             }
             Ok(())
         })?;
@@ -317,7 +343,8 @@ impl Store {
     /// Deletes a request and everything stored for it. With `only_finished`
     /// it refuses (false) while the request is `enqueued` or `started`.
     pub fn delete(&self, id: &RequestId, only_finished: bool) -> Result<bool, StoreError> {
-        let head = self.response_head(id)?;
+        // The references alone: a sweep of many deletes reads no segment.
+        let response = self.response_refs(id)?;
         self.transact(|tx| {
             let Some(rec) = tx.record(id)? else {
                 return Ok(false);
@@ -331,9 +358,9 @@ impl Store {
             }
             tx.index_status(rec.status, id, false)?;
             tx.drop_body(id, Body::Request, rec.body)?;
-            if let Some((at, head)) = &head {
-                tx.drop_body(id, Body::ResponseHead, Some(*at))?;
-                tx.drop_body(id, Body::Response, head.body)?;
+            if let Some((head, body)) = response {
+                tx.drop_body(id, Body::ResponseHead, Some(head))?;
+                tx.drop_body(id, Body::Response, body)?;
             }
             tx.t(RESPONSES).remove(id.as_bytes())?;
             tx.t(SEALED).remove(id.as_bytes())?;

@@ -58,12 +58,7 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
     app.wait_for_status(&lost, Some("Bearer owner"), "unknown", SECS(10))
         .await;
     let waiting = app
-        .submit(
-            "POST",
-            "/async_api/v2/refuse",
-            &[("Authorization", "Bearer other")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/refuse", "Bearer other")
         .await;
     up.wait_for(2, SECS(10)).await;
 

@@ -85,12 +85,7 @@ async fn bodies_stay_encoded_and_redirects_are_results() {
     .await;
     let app = TestApp::start(&up.url(), &[]).await;
     let id = app
-        .submit(
-            "GET",
-            "/async_api/v2/file",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("GET", "/async_api/v2/file", "Bearer owner")
         .await;
     app.wait_for_status(&id, AUTH, "done", SECS(10)).await;
     let r = app.response(&id, AUTH).await;
@@ -98,12 +93,7 @@ async fn bodies_stay_encoded_and_redirects_are_results() {
     assert_eq!(r.body, gz, "byte for byte");
 
     let id = app
-        .submit(
-            "POST",
-            "/async_api/v2/redirect",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/redirect", "Bearer owner")
         .await;
     let s = app.wait_for_status(&id, AUTH, "done", SECS(10)).await;
     assert_eq!(s.json()["response_http_code"], 302);
@@ -119,12 +109,7 @@ async fn upstream_errors_are_results() {
     let up = Fake::start_with(|_, _| Reply::status(500).body(b"boom")).await;
     let app = TestApp::start(&up.url(), &[]).await;
     let id = app
-        .submit(
-            "POST",
-            "/async_api/v2/x.json",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/x.json", "Bearer owner")
         .await;
     let s = app.wait_for_status(&id, AUTH, "done", SECS(10)).await;
     assert_eq!(s.json()["response_http_code"], 500);
@@ -139,12 +124,7 @@ async fn responses_over_the_limit_are_not_kept() {
     let up = Fake::start_with(|_, _| Reply::ok(&"x".repeat(4096))).await;
     let app = TestApp::start(&up.url(), &["--max-response-size", "1KiB"]).await;
     let id = app
-        .submit(
-            "GET",
-            "/async_api/v2/big",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("GET", "/async_api/v2/big", "Bearer owner")
         .await;
     let s = app.wait_for_status(&id, AUTH, "done", SECS(10)).await;
     assert_eq!(s.json()["response_http_code"], 200);
@@ -159,12 +139,7 @@ async fn only_the_submitting_credential_sees_a_request() {
     let up = Fake::start().await;
     let app = TestApp::start(&up.url(), &[]).await;
     let id = app
-        .submit(
-            "GET",
-            "/async_api/v2/x.json",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("GET", "/async_api/v2/x.json", "Bearer owner")
         .await;
     let anon = app.submit("GET", "/async_api/v2/y.json", &[], b"").await;
     app.wait_for_status(&id, AUTH, "done", SECS(10)).await;

@@ -51,25 +51,11 @@ async fn a_connection_cut_mid_answer_is_a_failure_after_sending() {
 async fn cut_mid_answer(partial: &'static [u8]) {
     let (addr, connections) = half_answer_server(partial);
     let app = TestApp::start(&format!("http://{addr}"), &[]).await;
-    let post = app
-        .submit(
-            "POST",
-            "/async_api/v2/p",
-            &[("Authorization", "Bearer a")],
-            b"",
-        )
-        .await;
+    let post = app.submit_as("POST", "/async_api/v2/p", "Bearer a").await;
     app.wait_for_status(&post, Some("Bearer a"), "unknown", SECS(10))
         .await;
     assert_eq!(connections.load(Ordering::SeqCst), 1);
-    let get = app
-        .submit(
-            "GET",
-            "/async_api/v2/g",
-            &[("Authorization", "Bearer b")],
-            b"",
-        )
-        .await;
+    let get = app.submit_as("GET", "/async_api/v2/g", "Bearer b").await;
     let deadline = std::time::Instant::now() + SECS(10);
     while connections.load(Ordering::SeqCst) < 3 {
         assert!(

@@ -25,19 +25,30 @@ pub struct Seen {
     pub at: Instant,
 }
 
-impl Seen {
-    pub fn header_values(&self, name: &str) -> Vec<&[u8]> {
-        self.headers
+/// Header lookups for anything recorded as (lower-case name, value) pairs.
+pub trait Headers {
+    fn pairs(&self) -> &[(String, Vec<u8>)];
+
+    /// Every value of `name`, in order.
+    fn header_values(&self, name: &str) -> Vec<&[u8]> {
+        self.pairs()
             .iter()
             .filter(|(n, _)| n == name)
             .map(|(_, v)| v.as_slice())
             .collect()
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
+    /// The first value of `name`, as text.
+    fn header(&self, name: &str) -> Option<&str> {
         self.header_values(name)
             .first()
             .map(|v| std::str::from_utf8(v).unwrap())
+    }
+}
+
+impl Headers for Seen {
+    fn pairs(&self) -> &[(String, Vec<u8>)] {
+        &self.headers
     }
 }
 
@@ -337,6 +348,12 @@ impl TestApp {
         }
     }
 
+    /// Submits with no body as `authorization` and expects 202; the id.
+    pub async fn submit_as(&self, method: &str, path: &str, authorization: &str) -> String {
+        self.submit(method, path, &[("Authorization", authorization)], b"")
+            .await
+    }
+
     /// Submits and expects 202; returns the id.
     pub async fn submit(
         &self,
@@ -412,20 +429,11 @@ impl Answer {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
+}
 
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| std::str::from_utf8(v).unwrap())
-    }
-
-    pub fn header_values(&self, name: &str) -> Vec<&[u8]> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-            .collect()
+impl Headers for Answer {
+    fn pairs(&self) -> &[(String, Vec<u8>)] {
+        &self.headers
     }
 }
 

@@ -61,13 +61,8 @@ async fn three_credentials_settle_near_the_upstreams_limit_with_few_429s() {
         for t in tokens {
             ids.push((
                 t,
-                app.submit(
-                    "POST",
-                    &format!("/async_api/v2/{i}"),
-                    &[("Authorization", t)],
-                    b"",
-                )
-                .await,
+                app.submit_as("POST", &format!("/async_api/v2/{i}"), t)
+                    .await,
             ));
         }
     }
@@ -104,11 +99,10 @@ async fn a_fresh_credential_is_served_long_before_another_ones_backlog_ends() {
         let app = app.clone();
         tasks.push(actix_web::rt::spawn(async move {
             for i in 0..125 {
-                app.submit(
+                app.submit_as(
                     "POST",
                     &format!("/async_api/v2/backlog/{t}/{i}"),
-                    &[("Authorization", "Bearer big")],
-                    b"",
+                    "Bearer big",
                 )
                 .await;
             }
@@ -119,12 +113,7 @@ async fn a_fresh_credential_is_served_long_before_another_ones_backlog_ends() {
     }
     let submitted = Instant::now();
     let id = app
-        .submit(
-            "GET",
-            "/async_api/v2/mine",
-            &[("Authorization", "Bearer small")],
-            b"",
-        )
+        .submit_as("GET", "/async_api/v2/mine", "Bearer small")
         .await;
     app.wait_for_status(&id, Some("Bearer small"), "done", SECS(10))
         .await;
@@ -150,13 +139,8 @@ async fn per_credential_concurrency_is_a_cap_at_the_upstream() {
         for t in ["Bearer c1", "Bearer c2"] {
             ids.push((
                 t,
-                app.submit(
-                    "POST",
-                    &format!("/async_api/v2/{i}"),
-                    &[("Authorization", t)],
-                    b"",
-                )
-                .await,
+                app.submit_as("POST", &format!("/async_api/v2/{i}"), t)
+                    .await,
             ));
         }
     }
@@ -204,21 +188,11 @@ async fn retry_after_pauses_only_the_refused_credential() {
     });
     let app = TestApp::start(&up.url(), &[]).await;
     let slow = app
-        .submit(
-            "POST",
-            "/async_api/v2/first",
-            &[("Authorization", "Bearer slow")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/first", "Bearer slow")
         .await;
     up.wait_for(1, SECS(10)).await;
     let other = app
-        .submit(
-            "POST",
-            "/async_api/v2/other",
-            &[("Authorization", "Bearer fast")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/other", "Bearer fast")
         .await;
     app.wait_for_status(&other, Some("Bearer fast"), "done", SECS(1))
         .await;

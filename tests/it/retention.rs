@@ -11,12 +11,7 @@ async fn done_requests_are_gone_after_retention_and_the_sweep_reclaims_them() {
     let up = Fake::start_with(|_, _| Reply::ok(&"r".repeat(100_000))).await;
     let app = TestApp::start(&up.url(), &["--retention", "2s"]).await;
     let id = app
-        .submit(
-            "POST",
-            "/async_api/v2/x.json",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/x.json", "Bearer owner")
         .await;
     app.wait_for_status(&id, AUTH, "done", SECS(10)).await;
     let done_at = Instant::now();
@@ -52,12 +47,7 @@ async fn waiting_requests_never_expire() {
     let up = Fake::start_with(|_, _| Reply::status(429).header("Retry-After", b"1")).await;
     let app = TestApp::start(&up.url(), &["--retention", "1s"]).await;
     let id = app
-        .submit(
-            "POST",
-            "/async_api/v2/x.json",
-            &[("Authorization", "Bearer owner")],
-            b"",
-        )
+        .submit_as("POST", "/async_api/v2/x.json", "Bearer owner")
         .await;
     up.wait_for(2, SECS(10)).await;
     actix_web::rt::time::sleep(SECS(2)).await;
