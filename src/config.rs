@@ -105,6 +105,13 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// How long an idle upstream connection is kept for reuse. Keep it
+    /// below the upstream's own keep-alive timeout: a request written on a
+    /// connection the upstream is closing at that moment may have run, and
+    /// a non-idempotent one then ends `unknown`.
+    #[arg(long, env = "ASYNCGATE_UPSTREAM_KEEP_ALIVE", default_value = "750ms", value_parser = parse_duration)]
+    pub upstream_keep_alive: Duration,
+
     /// PEM file of extra CA certificates to trust for an https upstream.
     #[arg(long, env = "ASYNCGATE_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
@@ -112,6 +119,22 @@ pub struct GatewayArgs {
     /// On SIGTERM/SIGINT, how long calls in flight may still finish.
     #[arg(long, env = "ASYNCGATE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Most `enqueued` requests per credential; a submission past it gets
+    /// 429 with `Retry-After: 1` [default: unlimited].
+    #[arg(long, env = "ASYNCGATE_MAX_PENDING_PER_CREDENTIAL")]
+    pub max_pending_per_credential: Option<u64>,
+
+    /// Address ranges callbacks may not connect to, in addition to the
+    /// default 169.254.0.0/16, fe80::/10 and 0.0.0.0/8 (comma-separated or
+    /// repeated CIDRs).
+    #[arg(long, env = "ASYNCGATE_CALLBACK_DENY", value_delimiter = ',')]
+    pub callback_deny: Vec<ipnet::IpNet>,
+
+    /// Address ranges callbacks may connect to even when denied (allow
+    /// wins over deny; comma-separated or repeated CIDRs).
+    #[arg(long, env = "ASYNCGATE_CALLBACK_ALLOW", value_delimiter = ',')]
+    pub callback_allow: Vec<ipnet::IpNet>,
 
     /// Public base URL; makes `response_url` absolute.
     #[arg(long, env = "ASYNCGATE_PUBLIC_URL")]

@@ -97,6 +97,35 @@ impl Sealer {
         Ok(out)
     }
 
+    /// Seals a request's credential (`None`: anonymous). The plaintext is
+    /// a tag byte, then the header value, so "no header" and an empty
+    /// header stay apart.
+    pub fn seal_credential(
+        &self,
+        id: &RequestId,
+        credential: Option<&[u8]>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let plain = match credential {
+            None => vec![0],
+            Some(c) => [&[1u8][..], c].concat(),
+        };
+        self.seal(id, &plain)
+    }
+
+    /// The credential `seal_credential` sealed (`None`: anonymous).
+    pub fn unseal_credential(
+        &self,
+        id: &RequestId,
+        sealed: &[u8],
+    ) -> Result<Option<Vec<u8>>, CryptoError> {
+        let plain = self.unseal(id, sealed)?;
+        match plain.split_first() {
+            Some((0, [])) => Ok(None),
+            Some((1, c)) => Ok(Some(c.to_vec())),
+            _ => Err(CryptoError::Unseal),
+        }
+    }
+
     pub fn unseal(&self, id: &RequestId, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         if sealed.len() < NONCE {
             return Err(CryptoError::Unseal);
@@ -145,6 +174,13 @@ mod tests {
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(s.unseal(&id, &sealed).unwrap(), b"Bearer secret");
         assert!(s.unseal(&RequestId::generate(), &sealed).is_err());
+        for credential in [None, Some(&b""[..]), Some(&b"Bearer x"[..])] {
+            let sealed = s.seal_credential(&id, credential).unwrap();
+            assert_eq!(
+                s.unseal_credential(&id, &sealed).unwrap().as_deref(),
+                credential
+            );
+        }
     }
 
     #[test]

@@ -206,7 +206,7 @@ async fn execute(
     }
     let sealed = ctx.store.sealed_credential(&rec.id)?;
     let credential = match sealed {
-        Some(s) => open_credential(&ctx.sealer.unseal(&rec.id, &s)?),
+        Some(s) => ctx.sealer.unseal_credential(&rec.id, &s)?,
         None => None,
     };
     let body = ctx.store.request_body(rec)?;
@@ -296,19 +296,4 @@ async fn requeue(ctx: &Context, rec: &RequestRecord) -> Result<(), ExecError> {
         ctx.store.durable(t).await?;
     }
     Ok(())
-}
-
-/// The sealed form of a credential: a tag byte, then the header value.
-pub fn credential_plaintext(credential: Option<&[u8]>) -> Vec<u8> {
-    match credential {
-        None => vec![0],
-        Some(c) => [&[1u8][..], c].concat(),
-    }
-}
-
-fn open_credential(plain: &[u8]) -> Option<Vec<u8>> {
-    match plain.split_first() {
-        Some((1, c)) => Some(c.to_vec()),
-        _ => None,
-    }
 }

@@ -19,8 +19,15 @@ pub struct Metrics {
     refused: AtomicU64,
     not_sent: AtomicU64,
     failed_after_send: AtomicU64,
+    /// Attempts that failed inside the gateway before anything was sent
+    /// (an unreadable body, a credential that cannot be unsealed).
+    internal_failures: AtomicU64,
     callback_attempts: AtomicU64,
+    /// Callbacks refused because their address is in `--callback-deny`.
+    callback_refused: AtomicU64,
     callback_failures: AtomicU64,
+    /// Credentials the scheduler holds state for (bounded by activity).
+    lanes: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS_MS.len()],
     latency_sum_ms: AtomicU64,
     latency_count: AtomicU64,
@@ -57,6 +64,18 @@ impl Metrics {
 
     pub fn failed_after_send(&self) {
         self.failed_after_send.fetch_add(1, Relaxed);
+    }
+
+    pub fn internal_failure(&self) {
+        self.internal_failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn callback_refused(&self) {
+        self.callback_refused.fetch_add(1, Relaxed);
+    }
+
+    pub fn set_lanes(&self, n: usize) {
+        self.lanes.store(n as u64, Relaxed);
     }
 
     pub fn callback_attempt(&self, ok: bool) {
@@ -125,6 +144,23 @@ impl Metrics {
             "upstream_failed_after_send_total",
             "Attempts that failed after sending began.",
             self.failed_after_send.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "internal_failures_total",
+            "Attempts that failed inside the gateway before sending (requeued).",
+            self.internal_failures.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_lanes Credentials with scheduler state in memory.\n# TYPE asyncgate_lanes gauge\nasyncgate_lanes {}",
+            self.lanes.load(Relaxed)
+        );
+        counter(
+            &mut out,
+            "callback_refused_total",
+            "Callbacks refused: their address is denied (--callback-deny).",
+            self.callback_refused.load(Relaxed),
         );
         counter(
             &mut out,

@@ -8,7 +8,6 @@ use serde_json::json;
 
 use super::{ApiError, State, single_header};
 use crate::crypto::credential_hash;
-use crate::dispatcher::credential_plaintext;
 use crate::model::{Callback, CallbackMethod, RequestId, end_to_end, format_time, now_ms};
 use crate::store::{self, NewRequest};
 
@@ -61,7 +60,7 @@ pub async fn submit(
     }
     let id = RequestId::generate();
     let lane = credential_hash(state.store.salt(), credential);
-    let sealed_credential = state.sealer.seal(&id, &credential_plaintext(credential))?;
+    let sealed_credential = state.sealer.seal_credential(&id, credential)?;
     let (rec, ticket) = state
         .store
         .submit(NewRequest {

@@ -183,7 +183,16 @@ impl Store {
 
     /// Whether any credential is sealed: then the key file must exist.
     pub fn has_sealed_credentials(&self) -> Result<bool, StoreError> {
-        Ok(self.tree(tx::SEALED).first()?.is_some())
+        Ok(self.first_sealed()?.is_some())
+    }
+
+    /// One sealed credential with its request id: the start-up check that
+    /// the key file is the one these were sealed with.
+    pub fn first_sealed(&self) -> Result<Option<(RequestId, Vec<u8>)>, StoreError> {
+        Ok(self
+            .tree(tx::SEALED)
+            .first()?
+            .and_then(|(k, v)| Some((keys::id_from(&k)?, v.to_vec()))))
     }
 
     /// The stored response head and, unless it was too large, its body.

@@ -4,11 +4,14 @@
 
 mod admin;
 mod callback;
+mod callback_guard;
 mod crash;
 mod execute;
 mod failures;
 mod helpers;
 mod hostile;
+mod input;
+mod once;
 mod ops;
 mod pacing;
 mod process;

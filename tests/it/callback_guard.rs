@@ -1,0 +1,2 @@
+//! Callbacks cannot be aimed inward (SPEC §9): `--callback-deny` and
+//! `--callback-allow`, checked on the address actually connected to.
