@@ -14,6 +14,7 @@ use crate::config::GatewayArgs;
 use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
 use crate::model::now_ms;
+use crate::net::{self, AddressPolicy};
 use crate::scheduler::Limits;
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::sweeper::Sweeper;
@@ -83,7 +84,12 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         store: store.clone(),
         sealer: sealer.clone(),
         upstream: Upstream::new(
-            upstream::client(tls.clone(), args.connect_timeout),
+            net::client(
+                tls.clone(),
+                args.connect_timeout,
+                args.upstream_keep_alive,
+                None,
+            ),
             base,
             args.upstream_timeout,
             args.max_response_size,
@@ -102,7 +108,15 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     let dispatcher = tokio::task::spawn_local(dispatcher::run(ctx, receiver, stop_rx.clone()));
     let callbacks = Callbacks {
         store: store.clone(),
-        client: upstream::client(tls, args.connect_timeout),
+        client: net::client(
+            tls,
+            args.connect_timeout,
+            args.upstream_keep_alive,
+            Some(AddressPolicy::callbacks(
+                &args.callback_deny,
+                &args.callback_allow,
+            )),
+        ),
         metrics: metrics.clone(),
         public_url: args.public_url.clone(),
         wake: callback_wake,

@@ -17,6 +17,7 @@
 //! - [`scheduler`]: pure lane, fairness, pacing and backoff policy.
 //! - [`dispatcher`]: the execution loop tying scheduler, store and upstream.
 //! - [`upstream`]: sends one request with awc and classifies the outcome.
+//! - [`net`]: outbound TCP under awc: callback address policy, cut answers.
 //! - [`callback`]: delivers stored callbacks with retries.
 //! - [`sweeper`]: deletes requests past their retention.
 //! - [`http`]: routes, handlers, views, the one error-to-HTTP mapping.
@@ -35,6 +36,7 @@ pub mod dispatcher;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod scheduler;
 pub mod store;
 pub mod sweeper;

@@ -29,12 +29,6 @@ pub enum UpstreamError {
     BadBase(String, &'static str),
 }
 
-/// Idle pooled connections are dropped before the upstream would drop them
-/// (actix-web, nginx and most servers wait 5 s or more): a request sent on a
-/// connection the server just closed could not be told apart from one that
-/// failed after it ran.
-const POOL_KEEP_ALIVE: Duration = Duration::from_secs(2);
-
 /// TLS settings: the public web roots plus, optionally, a private CA.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -64,21 +58,6 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, UpstreamE
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// An awc client with the contract's settings. `!Send`: one per thread.
-pub fn client(tls: Arc<ClientConfig>, connect_timeout: Duration) -> awc::Client {
-    let connector = awc::Connector::new()
-        .rustls_0_23(tls)
-        .timeout(connect_timeout)
-        .handshake_timeout(connect_timeout)
-        .conn_keep_alive(POOL_KEEP_ALIVE);
-    awc::Client::builder()
-        .connector(connector)
-        .disable_redirects()
-        .no_default_headers()
-        .disable_timeout()
-        .finish()
 }
 
 /// Checks `--upstream` and drops a trailing slash.
