@@ -33,6 +33,8 @@ pub enum AppError {
     Listen(SocketAddr, std::io::Error),
     #[error("{0}")]
     Config(String),
+    #[error("the execution engine failed: {0}")]
+    Engine(String),
 }
 
 /// A started gateway.
@@ -41,7 +43,7 @@ pub struct Running {
     server: actix_web::dev::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
     stop: watch::Sender<bool>,
-    dispatcher: tokio::task::JoinHandle<()>,
+    dispatcher: tokio::task::JoinHandle<Result<(), dispatcher::EngineFailure>>,
     callbacks: tokio::task::JoinHandle<()>,
     sweeper: Sweeper,
     store: Arc<Store>,
@@ -130,6 +132,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         dispatch: handle,
         metrics,
         max_body_size: args.max_body_size,
+        max_pending_per_credential: args.max_pending_per_credential,
         public_url: args.public_url.clone(),
         admin_token: args.admin_token.clone(),
     });
@@ -161,27 +164,51 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
 }
 
 impl Running {
-    /// Graceful stop: no new connections or dispatches, calls in flight may
-    /// finish (the dispatcher bounds that by the shutdown timeout), then
+    /// Graceful stop: dispatching stops at once (HTTP may still be draining
+    /// submissions, which stay queued for the next start), calls in flight
+    /// may finish (the dispatcher bounds that by the shutdown timeout), then
     /// everything is flushed.
     pub async fn stop(self) -> Result<(), AppError> {
+        let _ = self.stop.send(true);
         self.server.stop(true).await;
         let _ = self.server_task.await;
-        let _ = self.stop.send(true);
-        let _ = self.dispatcher.await;
+        let engine = self.dispatcher.await;
         let _ = self.callbacks.await;
         self.sweeper.stop();
         self.store.close()?;
+        if let Ok(Err(e)) = engine {
+            return Err(AppError::Engine(e.to_string()));
+        }
         log::info!("asyncgate stopped");
         Ok(())
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then stops gracefully.
-pub async fn run_until_signal(running: Running) -> Result<(), AppError> {
-    wait_for_signal().await;
-    log::info!("signal received: stopping");
-    running.stop().await
+/// Runs until SIGTERM or SIGINT, then stops gracefully. If the execution
+/// engine fails first, the gateway stops with an error: a gateway that
+/// answers but runs nothing is worse than a restart, and recovery on the
+/// next start is correct (crash-only).
+pub async fn run_until_signal(mut running: Running) -> Result<(), AppError> {
+    tokio::select! {
+        _ = wait_for_signal() => {
+            log::info!("signal received: stopping");
+            running.stop().await
+        }
+        ended = &mut running.dispatcher => {
+            let why = match ended {
+                Ok(Ok(())) => "the dispatcher stopped by itself".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("the dispatcher task failed: {e}"),
+            };
+            log::error!("the execution engine failed ({why}); stopping so that a restart recovers");
+            let _ = running.stop.send(true);
+            running.server.stop(false).await;
+            let _ = running.callbacks.await;
+            running.sweeper.stop();
+            running.store.close()?;
+            Err(AppError::Engine(why))
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -4,19 +4,21 @@
 //! thread: awc's client is `!Send`, and a single loop keeps the scheduler's
 //! state free of locks. HTTP handlers only store and wake it (`Handle`).
 
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::FutureExt;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
-use crate::model::{LaneKey, Outcome, RequestRecord, is_idempotent, now_ms};
+use crate::model::{LaneKey, Outcome, RequestId, RequestRecord, is_idempotent, now_ms};
 use crate::scheduler::{Feedback, Hints, Limits, Next, Scheduler, pacing};
 use crate::store::{Claim, Completion, Settle, Store, StoreError, Ticket};
-use crate::upstream::{Attempt, Upstream};
+use crate::upstream::{Answer, Attempt, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 enum ExecError {
@@ -29,6 +31,8 @@ enum ExecError {
 enum Event {
     Queued(LaneKey),
     Finished(LaneKey, Feedback),
+    /// An attempt's task panicked: the engine cannot account for its slot.
+    Panicked(RequestId),
 }
 
 /// How HTTP handlers (on other threads) wake the loop after a commit.
@@ -82,14 +86,39 @@ pub struct Receiver {
     alive: Arc<AtomicBool>,
 }
 
+/// Why the loop ended other than by `stop`: the engine cannot go on, and
+/// the process should stop (non-zero) so its supervisor restarts it and
+/// recovery runs (crash-only: recovery is correct and fast).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineFailure {
+    #[error("reading the queues failed: {0}")]
+    Queues(StoreError),
+    #[error("the attempt for request {0} panicked")]
+    Panicked(RequestId),
+}
+
+/// Sets `alive` false when the loop ends, by return or by panic, so
+/// `/healthz` never reports a dead engine as healthy.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Runs until `stop` turns true, then lets attempts in flight finish for up
 /// to the shutdown timeout (the rest are recovered on the next start).
-pub async fn run(ctx: Context, mut chan: Receiver, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    ctx: Context,
+    mut chan: Receiver,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), EngineFailure> {
+    let _alive = AliveGuard(chan.alive.clone());
     let ctx = Rc::new(ctx);
     let mut sched = Scheduler::new(ctx.limits);
-    match ctx.store.pending_lanes() {
-        Ok(lanes) => lanes.into_iter().for_each(|l| sched.queued(l)),
-        Err(e) => log::error!("reading the queues failed: {e}"),
+    for lane in ctx.store.pending_lanes().map_err(EngineFailure::Queues)? {
+        sched.queued(lane);
     }
     let mut wake_at: Option<Instant> = None;
     let mut give_up_at: Option<Instant> = None;
@@ -99,11 +128,19 @@ pub async fn run(ctx: Context, mut chan: Receiver, mut stop: watch::Receiver<boo
         } else if sched.in_flight() == 0 {
             break;
         }
-        let sleep_until = give_up_at.or(wake_at);
+        ctx.metrics.set_lanes(sched.lanes());
+        let sleep_until = give_up_at.or(match (wake_at, sched.housekeeping_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        });
         tokio::select! {
             ev = chan.rx.recv() => match ev {
                 Some(Event::Queued(lane)) => sched.queued(lane),
                 Some(Event::Finished(lane, fb)) => sched.finished(lane, Instant::now(), fb),
+                Some(Event::Panicked(id)) => {
+                    log::error!("the attempt for request {id} panicked; the engine stops (it stays `started` and is recovered on the next start)");
+                    return Err(EngineFailure::Panicked(id));
+                }
                 None => break,
             },
             _ = sleep_opt(sleep_until) => {
@@ -120,8 +157,8 @@ pub async fn run(ctx: Context, mut chan: Receiver, mut stop: watch::Receiver<boo
             }
         }
     }
-    chan.alive.store(false, Ordering::Relaxed);
     log::info!("dispatcher stopped");
+    Ok(())
 }
 
 async fn sleep_opt(until: Option<Instant>) {
@@ -167,7 +204,7 @@ fn dispatch(
             Err(e) => {
                 log::error!("claiming from the queues failed: {e}");
                 for lane in lanes {
-                    sched.finished(lane, now, Feedback::NotSent);
+                    sched.finished(lane, now, Feedback::Internal);
                 }
             }
         }
@@ -177,50 +214,69 @@ fn dispatch(
 fn start(ctx: &Rc<Context>, tx: &mpsc::UnboundedSender<Event>, rec: RequestRecord, ticket: Ticket) {
     let (ctx, tx) = (Rc::clone(ctx), tx.clone());
     tokio::task::spawn_local(async move {
-        let feedback = execute(&ctx, &rec, ticket).await.unwrap_or_else(|e| {
-            log::error!(
-                "request {}: {e}; it stays `started` until the next start recovers it",
-                rec.id
-            );
-            Feedback::FailedAfterSend { requeued: false }
-        });
-        let _ = tx.send(Event::Finished(rec.lane, feedback));
+        let lane = rec.lane;
+        // A panic here must not leave a slot taken forever behind a
+        // healthy-looking gateway: the loop hears of it and stops.
+        let event = match AssertUnwindSafe(execute(&ctx, &rec, ticket))
+            .catch_unwind()
+            .await
+        {
+            Ok(feedback) => Event::Finished(lane, feedback),
+            Err(_) => Event::Panicked(rec.id),
+        };
+        let _ = tx.send(event);
     });
 }
 
-/// One attempt, from the durable claim to the stored result.
-async fn execute(
-    ctx: &Context,
-    rec: &RequestRecord,
-    claimed: Ticket,
-) -> Result<Feedback, ExecError> {
-    // `started` must be on disk before anything is sent: that is what makes
-    // "never twice" hold after a crash.
-    if let Err(e) = ctx.store.durable(claimed).await {
-        log::error!(
-            "request {}: the claim is not durable ({e}); not sending",
-            rec.id
-        );
-        requeue(ctx, rec).await?;
-        return Ok(Feedback::NotSent);
-    }
-    let sealed = ctx.store.sealed_credential(&rec.id)?;
-    let credential = match sealed {
-        Some(s) => ctx.sealer.unseal_credential(&rec.id, &s)?,
-        None => None,
-    };
-    let body = ctx.store.request_body(rec)?;
-    let attempt = ctx.upstream.send(rec, credential.as_deref(), body).await;
-    match attempt {
-        Attempt::Answered(a) => {
+/// What one attempt came to, before deciding how to settle it.
+enum Happened {
+    /// From the upstream: answered, not sent, or maybe sent.
+    Upstream(Attempt),
+    /// Failed inside the gateway before anything could be sent.
+    Internal(ExecError),
+}
+
+/// How an attempt is settled, and what the scheduler learns from it.
+enum Decision {
+    /// The answer is the result: `done`.
+    Complete(Box<Answer>, Hints),
+    /// Back to the head of its lane, never sent or safe to send again.
+    Requeue(Feedback),
+    /// A non-idempotent request that may have run: `unknown`.
+    Unknown,
+}
+
+/// The one classifier: what happened (nothing sent / maybe sent /
+/// answered, and with what) to how it settles. Pure, so every branch is
+/// unit-tested.
+fn decide(method: &str, happened: Happened, now: SystemTime) -> Decision {
+    match happened {
+        Happened::Internal(_) => Decision::Requeue(Feedback::Internal),
+        Happened::Upstream(Attempt::NotSent(_)) => Decision::Requeue(Feedback::NotSent),
+        Happened::Upstream(Attempt::MaybeSent(_)) if is_idempotent(method) => {
+            Decision::Requeue(Feedback::FailedAfterSend { requeued: true })
+        }
+        Happened::Upstream(Attempt::MaybeSent(_)) => Decision::Unknown,
+        Happened::Upstream(Attempt::Answered(a)) => {
             let hints = Hints::from_headers(&a.head.headers);
-            if let pacing::Verdict::Refused { retry_after } =
-                pacing::verdict(a.head.code, &a.head.headers, SystemTime::now())
-            {
-                ctx.metrics.refused();
-                requeue(ctx, rec).await?;
-                return Ok(Feedback::Refused { retry_after, hints });
+            match pacing::verdict(a.head.code, &a.head.headers, now) {
+                pacing::Verdict::Refused { retry_after } => {
+                    Decision::Requeue(Feedback::Refused { retry_after, hints })
+                }
+                pacing::Verdict::Result => Decision::Complete(Box::new(a), hints),
             }
+        }
+    }
+}
+
+/// One attempt, from the durable claim to the durably settled result.
+async fn execute(ctx: &Context, rec: &RequestRecord, claimed: Ticket) -> Feedback {
+    let happened = attempt(ctx, rec, claimed).await;
+    report(ctx, rec, &happened);
+    let (id, claims) = (rec.id, rec.claims);
+    let (op, feedback) = match decide(&rec.method, happened, SystemTime::now()) {
+        Decision::Complete(a, hints) => {
+            let a = *a;
             ctx.metrics.executed(a.head.code, a.exec_ms);
             let done = Completion {
                 sent_ms: a.sent_ms,
@@ -233,67 +289,101 @@ async fn execute(
                 body: a.body,
             };
             let op = Settle::Complete {
-                id: rec.id,
-                claims: rec.claims,
+                id,
+                claims,
                 done,
                 now_ms: now_ms(),
                 retention_ms: ctx.retention.as_millis() as u64,
             };
-            if let Some(t) = ctx.store.settle(op).await? {
-                ctx.store.durable(t).await?;
-                if rec.callback.is_some() {
-                    ctx.callbacks.notify_one();
-                }
-            }
-            Ok(Feedback::Answered(hints))
+            (op, Feedback::Answered(hints))
         }
-        Attempt::NotSent(why) => {
-            log::warn!("request {}: upstream not reached: {why}", rec.id);
-            ctx.metrics.not_sent();
-            requeue(ctx, rec).await?;
-            Ok(Feedback::NotSent)
-        }
-        Attempt::FailedAfterSend(why) if is_idempotent(&rec.method) => {
+        Decision::Requeue(feedback) => (Settle::Requeue { id, claims }, feedback),
+        Decision::Unknown => {
             log::warn!(
-                "request {}: failed after sending ({why}); {} is safe to retry",
-                rec.id,
+                "request {id}: {} may have run: `unknown`, for an operator",
                 rec.method
             );
-            ctx.metrics.failed_after_send();
-            requeue(ctx, rec).await?;
-            Ok(Feedback::FailedAfterSend { requeued: true })
-        }
-        Attempt::FailedAfterSend(why) => {
-            log::warn!(
-                "request {}: failed after sending ({why}); {} may have run: `unknown`",
-                rec.id,
-                rec.method
-            );
-            ctx.metrics.failed_after_send();
-            let keep = ctx.unknown_retention.as_millis() as u64;
             let op = Settle::Unknown {
-                id: rec.id,
-                claims: rec.claims,
+                id,
+                claims,
                 now_ms: now_ms(),
-                keep_ms: keep,
+                keep_ms: ctx.unknown_retention.as_millis() as u64,
             };
-            if let Some(t) = ctx.store.settle(op).await? {
-                ctx.store.durable(t).await?;
+            (op, Feedback::FailedAfterSend { requeued: false })
+        }
+    };
+    let done_with_callback = matches!(op, Settle::Complete { .. }) && rec.callback.is_some();
+    match settle(ctx, op).await {
+        Ok(true) if done_with_callback => ctx.callbacks.notify_one(),
+        Ok(_) => {}
+        Err(e) => log::error!(
+            "request {id}: recording the attempt failed ({e}); it stays `started` until the next start recovers it"
+        ),
+    }
+    feedback
+}
+
+/// Everything up to and including the upstream exchange. Nothing is sent
+/// unless the claim (`started`) is durable: that is what makes "never
+/// twice" hold after a crash.
+async fn attempt(ctx: &Context, rec: &RequestRecord, claimed: Ticket) -> Happened {
+    let prepared = async {
+        ctx.store.durable(claimed).await?;
+        let credential = match ctx.store.sealed_credential(&rec.id)? {
+            Some(sealed) => ctx.sealer.unseal_credential(&rec.id, &sealed)?,
+            None => None,
+        };
+        let body = ctx.store.request_body(rec)?;
+        Ok::<_, ExecError>((credential, body))
+    };
+    match prepared.await {
+        Ok((credential, body)) => {
+            Happened::Upstream(ctx.upstream.send(rec, credential.as_deref(), body).await)
+        }
+        Err(e) => Happened::Internal(e),
+    }
+}
+
+/// Logs and counts what happened (by id; never credentials or bodies).
+fn report(ctx: &Context, rec: &RequestRecord, happened: &Happened) {
+    let id = rec.id;
+    match happened {
+        Happened::Internal(e) => {
+            ctx.metrics.internal_failure();
+            log::error!(
+                "request {id}: not sent, failed inside the gateway ({e}); it stays `enqueued` and is retried"
+            );
+        }
+        Happened::Upstream(Attempt::NotSent(why)) => {
+            ctx.metrics.not_sent();
+            log::warn!("request {id}: upstream not reached ({why}); retried");
+        }
+        Happened::Upstream(Attempt::MaybeSent(why)) => {
+            ctx.metrics.failed_after_send();
+            log::warn!("request {id}: failed after sending began ({why})");
+        }
+        Happened::Upstream(Attempt::Answered(a)) => {
+            if matches!(
+                pacing::verdict(a.head.code, &a.head.headers, SystemTime::now()),
+                pacing::Verdict::Refused { .. }
+            ) {
+                ctx.metrics.refused();
             }
-            Ok(Feedback::FailedAfterSend { requeued: false })
         }
     }
 }
 
-/// Back to the head of its lane, durably: after a crash it must not look
-/// `started` (and so possibly sent) when it was refused or never sent.
-async fn requeue(ctx: &Context, rec: &RequestRecord) -> Result<(), ExecError> {
-    let op = Settle::Requeue {
-        id: rec.id,
-        claims: rec.claims,
-    };
-    if let Some(t) = ctx.store.settle(op).await? {
-        ctx.store.durable(t).await?;
+/// Applies a settle and waits until it is durable. False if the claim
+/// was stale (nothing changed).
+async fn settle(ctx: &Context, op: Settle) -> Result<bool, StoreError> {
+    match ctx.store.settle(op).await? {
+        Some(t) => {
+            ctx.store.durable(t).await?;
+            Ok(true)
+        }
+        None => Ok(false),
     }
-    Ok(())
 }
+
+#[cfg(test)]
+mod tests;

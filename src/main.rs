@@ -6,6 +6,16 @@ use asyncgate::{admin_cli, app, demo};
 #[actix_web::main]
 async fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Crash-only: a panic on any thread (the engine, the flusher, the
+    // sweeper) stops the process rather than leave a gateway that answers
+    // `/healthz` while part of it is dead. State is durable and recovery
+    // runs on the next start.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        log::error!("a thread panicked; stopping (exit 101) so that a restart recovers");
+        std::process::exit(101);
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => match app::start(&args.upstream, &args.gateway).await {

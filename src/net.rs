@@ -118,7 +118,11 @@ pub fn client(
         .rustls_0_23(tls)
         .timeout(connect_timeout)
         .handshake_timeout(connect_timeout)
-        .conn_keep_alive(keep_alive);
+        .conn_keep_alive(keep_alive)
+        // No cap of awc's own (100 by default): the scheduler bounds what is
+        // in flight, and a request waiting here for a connection slot would
+        // run into its upstream timeout with nothing sent.
+        .limit(0);
     awc::Client::builder()
         .connector(connector)
         .disable_redirects()

@@ -69,7 +69,7 @@ fn until_next(store: &Store) -> Duration {
 pub fn sweep(store: &Store, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
     let expired = store.expired(now_ms, limit)?;
     for &(at, id) in &expired {
-        if !store.delete(&id, false)? {
+        if !store.delete_expired(&id, now_ms)? {
             store.forget_expiry(at, &id)?;
         }
     }

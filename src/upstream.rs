@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{Method, header};
-use awc::error::SendRequestError;
+use awc::error::{ConnectError, SendRequestError};
 use futures_util::StreamExt;
+use futures_util::future::poll_fn;
 use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::model::{Header, RequestRecord, ResponseHead, end_to_end, now_ms};
+use crate::net::EofWatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -63,12 +65,15 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, UpstreamE
 /// Checks `--upstream` and drops a trailing slash.
 pub fn normalize_base(base: &str) -> Result<String, UpstreamError> {
     let bad = |why| UpstreamError::BadBase(base.to_string(), why);
-    let uri: actix_web::http::Uri = base.parse().map_err(|_| bad("not a URL"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+    let url = url::Url::parse(base).map_err(|_| bad("not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(bad("must be an absolute http:// or https:// URL"));
     }
-    if uri.query().is_some() {
-        return Err(bad("must not have a query string"));
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("must not have a query string or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("must not carry a user name or password"));
     }
     Ok(base.trim_end_matches('/').to_string())
 }
@@ -90,12 +95,16 @@ pub struct Answer {
     pub exec_ms: u64,
 }
 
+/// What one attempt proved about the request's fate upstream.
 pub enum Attempt {
+    /// The whole answer arrived.
     Answered(Answer),
-    /// Nothing reached the upstream (connect, DNS, TLS handshake).
+    /// Nothing can have reached the upstream: no connection was made
+    /// (refused, DNS, connect timeout, TLS handshake).
     NotSent(String),
-    /// Sending began, then it failed: the upstream may have acted on it.
-    FailedAfterSend(String),
+    /// Bytes may have reached the upstream, then the exchange failed: the
+    /// upstream may have acted on it.
+    MaybeSent(String),
 }
 
 impl Upstream {
@@ -144,12 +153,14 @@ impl Upstream {
         let exchange = async {
             let mut res = req.send_body(body).await.map_err(classify)?;
             let code = res.status().as_u16();
+            let framed = framed_by_length_or_chunks(res.headers());
             let headers = stored_headers(res.headers());
             let mut body = Vec::new();
             let mut len = 0u64;
-            while let Some(chunk) = res.next().await {
-                let chunk = chunk
-                    .map_err(|e| Attempt::FailedAfterSend(format!("reading the body: {e}")))?;
+            let eof = EofWatch::default();
+            while let Some(chunk) = poll_fn(|cx| eof.poll(|| res.poll_next_unpin(cx))).await {
+                let chunk =
+                    chunk.map_err(|e| Attempt::MaybeSent(format!("reading the body: {e}")))?;
                 len += chunk.len() as u64;
                 if len <= self.max_response {
                     body.extend_from_slice(&chunk);
@@ -157,14 +168,18 @@ impl Upstream {
                     body = Vec::new(); // read on, so the exchange completes
                 }
             }
-            // awc 3 ends the body stream quietly when the connection closes
-            // early (its `PlStream` maps EOF to the end of the body), so a
-            // cut is caught here by the declared length. A chunked body cut
-            // between chunks cannot be told apart this way (README, Limits).
+            // awc ends a body quietly when the connection closes early. A
+            // body framed by its length or by chunks never needs the end
+            // of the connection to end, so reaching it means a cut.
+            if framed && eof.saw_eof() {
+                return Err(Attempt::MaybeSent(format!(
+                    "the connection closed after {len} body bytes, before the answer ended"
+                )));
+            }
             if let Some(declared) = declared_length(&rec.method, code, &headers)
                 && declared != len
             {
-                return Err(Attempt::FailedAfterSend(format!(
+                return Err(Attempt::MaybeSent(format!(
                     "the connection closed after {len} of {declared} body bytes"
                 )));
             }
@@ -172,9 +187,7 @@ impl Upstream {
             Ok::<_, Attempt>((code, headers, body, kept))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => {
-                Attempt::FailedAfterSend(format!("no whole answer within {:?}", self.timeout))
-            }
+            Err(_) => Attempt::MaybeSent(format!("no whole answer within {:?}", self.timeout)),
             Ok(Err(attempt)) => attempt,
             Ok(Ok((code, headers, body, kept))) => Attempt::Answered(Answer {
                 head: ResponseHead {
@@ -191,6 +204,19 @@ impl Upstream {
     }
 }
 
+/// Whether the answer's body ends by its own framing (`Content-Length`, or
+/// `Transfer-Encoding` ending in `chunked`) rather than by the connection
+/// closing.
+fn framed_by_length_or_chunks(headers: &awc::http::header::HeaderMap) -> bool {
+    let chunked = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+    chunked || headers.contains_key(header::CONTENT_LENGTH)
+}
+
 /// The body length a response announced, where it must match what came:
 /// not for HEAD requests, 1xx, 204 or 304 (no body follows those).
 fn declared_length(method: &str, code: u16, headers: &[Header]) -> Option<u64> {
@@ -203,14 +229,21 @@ fn declared_length(method: &str, code: u16, headers: &[Header]) -> Option<u64> {
         .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
 }
 
-/// Only a failure to connect proves nothing was sent.
+/// What an awc error proves. Only a connection that was never made proves
+/// nothing was sent. awc reports `ConnectError::Disconnected` when the
+/// upstream closes the connection *after the whole request was written*
+/// and before answering, so that one is `MaybeSent` like every failure
+/// while writing the request or reading the answer.
 fn classify(e: SendRequestError) -> Attempt {
     match e {
+        SendRequestError::Connect(ConnectError::Disconnected) => {
+            Attempt::MaybeSent("the connection closed before an answer".into())
+        }
         SendRequestError::Connect(c) => Attempt::NotSent(format!("connect: {c}")),
         SendRequestError::Url(u) => Attempt::NotSent(format!("url: {u}")),
         SendRequestError::Http(h) => Attempt::NotSent(format!("request: {h}")),
         SendRequestError::TunnelNotSupported => Attempt::NotSent("tunnel not supported".into()),
-        other => Attempt::FailedAfterSend(other.to_string()),
+        other => Attempt::MaybeSent(other.to_string()),
     }
 }
 

@@ -361,6 +361,7 @@ fn populate_expired(data: &std::path::Path, n: usize) {
                 callback: None,
                 sealed_credential: vec![0; 40],
                 now_ms: long_ago,
+                max_pending: None,
             })
             .collect();
         store.enqueue_batch(news).expect("enqueue");

@@ -110,7 +110,7 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     guard(&req, &state)?;
     let id = parse_id(&id)?;
-    if state.store.delete(&id, true)? {
+    if state.store.delete(&id)? {
         state.store.durable(state.store.ticket()).await?;
         log::info!("request {id} deleted by an operator");
         return Ok(HttpResponse::NoContent().finish());

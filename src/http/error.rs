@@ -29,6 +29,10 @@ pub enum ApiError {
     ResponseTooLarge,
     #[error("the request body could not be read: {0}")]
     BodyUnreadable(String),
+    #[error(
+        "this credential already has {0} requests waiting (--max-pending-per-credential); retry later"
+    )]
+    TooManyPending(u64),
     #[error("storage unavailable")]
     Store(#[from] StoreError),
     #[error("internal error")]
@@ -54,6 +58,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::ResponseTooLarge => "response_too_large",
             ApiError::BodyUnreadable(_) => "body_unreadable",
+            ApiError::TooManyPending(_) => "too_many_pending",
             ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_)) => "internal_error",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Crypto(_) => "internal_error",
@@ -72,6 +77,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+            ApiError::TooManyPending(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_))
             | ApiError::Crypto(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -90,8 +96,11 @@ impl ResponseError for ApiError {
             }
             other => other.to_string(),
         };
-        HttpResponse::build(status)
-            .json(json!({"error": {"code": self.code(), "message": message}}))
+        let mut answer = HttpResponse::build(status);
+        if let ApiError::TooManyPending(_) = self {
+            answer.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        }
+        answer.json(json!({"error": {"code": self.code(), "message": message}}))
     }
 }
 

@@ -43,6 +43,14 @@ pub async fn submit(
         )
     })?;
     let callback = callback(&req)?;
+    let lane = credential_hash(state.store.salt(), credential);
+    // A full queue is refused before the body is read (and checked again,
+    // exactly, where the request is stored).
+    if let Some(cap) = state.max_pending_per_credential
+        && state.store.pending_in_lane(&lane)? >= cap
+    {
+        return Err(ApiError::TooManyPending(cap));
+    }
     let body = read_body(&req, payload, state.max_body_size).await?;
 
     let target = match req.uri().query() {
@@ -59,7 +67,6 @@ pub async fn submit(
         return Err(ApiError::HeadersTooLarge(store::MAX_RECORD_EXTRAS));
     }
     let id = RequestId::generate();
-    let lane = credential_hash(state.store.salt(), credential);
     let sealed_credential = state.sealer.seal_credential(&id, credential)?;
     let (rec, ticket) = state
         .store
@@ -73,8 +80,13 @@ pub async fn submit(
             callback,
             sealed_credential,
             now_ms: now_ms(),
+            max_pending: state.max_pending_per_credential,
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            store::StoreError::LaneFull(cap) => ApiError::TooManyPending(cap),
+            other => ApiError::Store(other),
+        })?;
     // Durable before visible: no 202 until the request is fsync'd.
     state.store.durable(ticket).await?;
     state.dispatch.queued(lane);

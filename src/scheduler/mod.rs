@@ -8,7 +8,8 @@
 
 pub mod pacing;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::model::LaneKey;
@@ -21,6 +22,12 @@ const REFUSAL_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration:
 const OUTAGE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// While a quota (hourly, daily) is used up, one probe this often.
 pub const PROBE_EVERY: Duration = Duration::from_secs(60);
+/// Every pause is at least this long, whatever the upstream says
+/// (`Retry-After: 0` on every answer would otherwise be a hot loop)...
+pub const MIN_PAUSE: Duration = Duration::from_secs(1);
+/// ...and at most this long (`Retry-After: 10000000000000000000` would
+/// otherwise overflow the clock).
+pub const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -43,6 +50,10 @@ pub enum Feedback {
     NotSent,
     /// Failed after sending; an idempotent request is back in its lane.
     FailedAfterSend { requeued: bool },
+    /// Failed inside the gateway before sending (an unreadable body, a
+    /// credential that cannot be unsealed); the request is back at the
+    /// lane head.
+    Internal,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,12 +86,31 @@ struct Lane {
     sent: VecDeque<Instant>,
     /// A quota is used up: one request at a time, as a probe.
     probing: bool,
+    /// An entry for this lane is in `Scheduler::reap`.
+    reaping: bool,
 }
 
 impl Lane {
+    /// No sends for `d`, clamped to [`MIN_PAUSE`, `MAX_PAUSE`]: the upstream's
+    /// numbers are input from outside.
     fn pause(&mut self, now: Instant, d: Duration) {
-        let until = now + d;
+        let d = d.clamp(MIN_PAUSE, MAX_PAUSE);
+        let until = now.checked_add(d).unwrap_or(now);
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+    }
+
+    /// When the lane's state stops mattering if nothing new comes: its
+    /// pause is over and its last send has left the rate window. `None`
+    /// while it has work queued or in flight.
+    fn idle_from(&self) -> Option<Instant> {
+        if self.queued || self.in_flight > 0 {
+            return None;
+        }
+        let window_ends = self.sent.back().map(|&t| t + WINDOW);
+        Some(match (self.paused_until, window_ends) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b).unwrap_or_else(Instant::now),
+        })
     }
 
     fn paused_at(&self, now: Instant) -> bool {
@@ -134,6 +164,10 @@ pub struct Scheduler {
     /// Lanes with queued work, in round-robin order.
     ring: VecDeque<LaneKey>,
     in_flight: usize,
+    /// Lanes that went idle, by when their state may go (SPEC §9: memory
+    /// is bounded by what is active, not by every credential ever seen).
+    /// Checked again when due: a lane that got busy meanwhile stays.
+    reap: BinaryHeap<Reverse<(Instant, LaneKey)>>,
 }
 
 impl Scheduler {
@@ -143,11 +177,57 @@ impl Scheduler {
             lanes: HashMap::new(),
             ring: VecDeque::new(),
             in_flight: 0,
+            reap: BinaryHeap::new(),
         }
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Credentials with state in memory.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Schedules `key`'s state to be dropped once it is idle.
+    fn went_idle(&mut self, key: LaneKey) {
+        if let Some(lane) = self.lanes.get_mut(&key)
+            && !lane.reaping
+            && let Some(at) = lane.idle_from()
+        {
+            lane.reaping = true;
+            self.reap.push(Reverse((at, key)));
+        }
+    }
+
+    /// When idle lanes' state is next due to be dropped (by a call to
+    /// `next`): the caller's loop should look again by then.
+    pub fn housekeeping_at(&self) -> Option<Instant> {
+        self.reap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Drops the state of lanes idle by `now`.
+    fn reap(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key))) = self.reap.peek() {
+            if at > now {
+                return;
+            }
+            self.reap.pop();
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            lane.reaping = false;
+            match lane.idle_from() {
+                Some(t) if t <= now && !lane.in_ring => {
+                    self.lanes.remove(&key);
+                }
+                Some(t) if t > now => self.went_idle(key),
+                // Busy again, or still in the ring: scheduled again when
+                // it next goes idle.
+                _ => {}
+            }
+        }
     }
 
     /// The lane has (new) queued requests. A lane that was idle joins at
@@ -164,6 +244,7 @@ impl Scheduler {
 
     /// Picks the next lane to serve, round-robin, and reserves a slot.
     pub fn next(&mut self, now: Instant) -> Next {
+        self.reap(now);
         if self.in_flight >= self.limits.concurrency {
             return Next::Idle;
         }
@@ -177,6 +258,7 @@ impl Scheduler {
             };
             if !lane.queued {
                 lane.in_ring = false;
+                self.went_idle(key);
                 continue;
             }
             self.ring.push_back(key);
@@ -230,7 +312,9 @@ impl Scheduler {
                 }
                 hints
             }
-            Feedback::NotSent | Feedback::FailedAfterSend { requeued: true } => {
+            Feedback::NotSent
+            | Feedback::FailedAfterSend { requeued: true }
+            | Feedback::Internal => {
                 if !lane.paused_at(now) {
                     lane.outages += 1;
                 }
@@ -251,12 +335,14 @@ impl Scheduler {
             lane.pause(now, PROBE_EVERY);
         }
         let back_in_queue = match feedback {
-            Feedback::Refused { .. } | Feedback::NotSent => true,
+            Feedback::Refused { .. } | Feedback::NotSent | Feedback::Internal => true,
             Feedback::FailedAfterSend { requeued } => requeued,
             Feedback::Answered(_) => false,
         };
         if back_in_queue {
             self.queued(key);
+        } else {
+            self.went_idle(key);
         }
     }
 }

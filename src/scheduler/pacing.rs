@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::{MAX_PAUSE, MIN_PAUSE};
 use crate::model::Header;
 
 /// How an upstream answer counts.
@@ -26,15 +27,20 @@ pub fn verdict(code: u16, headers: &[Header], now: SystemTime) -> Verdict {
     }
 }
 
-/// `Retry-After` as delta-seconds or any of the three HTTP-date forms; a
-/// date in the past is no wait at all. `None` when unparseable.
+/// `Retry-After` as delta-seconds or any of the three HTTP-date forms,
+/// clamped to [`MIN_PAUSE`, `MAX_PAUSE`] (`0` and a date in the past are
+/// the shortest pause, an absurd number the longest). `None` when
+/// unparseable: then it counts as absent.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.clamp(MIN_PAUSE, MAX_PAUSE))
 }
 
 /// The pacing hints the myTarget API sends on every answer.
@@ -113,9 +119,27 @@ mod tests {
         );
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", at(784_111_800)),
-            Some(Duration::ZERO)
+            Some(MIN_PAUSE),
+            "a date in the past is the shortest pause"
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_one_second_and_one_day() {
+        let now = at(1_000_000);
+        assert_eq!(parse_retry_after("0", now), Some(MIN_PAUSE));
+        assert_eq!(
+            parse_retry_after("10000000000000000000", now),
+            Some(MAX_PAUSE)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(MAX_PAUSE)
+        );
+        for unparseable in ["99999999999999999999999", "-5", "1.5", "", "soon"] {
+            assert_eq!(parse_retry_after(unparseable, now), None, "{unparseable}");
+        }
     }
 
     #[test]

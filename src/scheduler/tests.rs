@@ -320,3 +320,84 @@ fn attempts_failing_together_step_the_backoff_once() {
     }
     assert_eq!(s.next(later), Next::At(later + Duration::from_secs(1)));
 }
+
+#[test]
+fn pauses_are_clamped_to_one_second_and_one_day() {
+    let mut s = Scheduler::new(limits(8, 1, None));
+    let now = Instant::now();
+    s.queued(A);
+    s.queued(B);
+    assert_eq!(s.next(now), Next::Dispatch(B));
+    assert_eq!(s.next(now), Next::Dispatch(A));
+    // Whatever reaches the scheduler, no overflow and no hot loop.
+    s.finished(
+        A,
+        now,
+        Feedback::Refused {
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+            hints: Hints::default(),
+        },
+    );
+    s.finished(
+        B,
+        now,
+        Feedback::Refused {
+            retry_after: Some(Duration::ZERO),
+            hints: Hints::default(),
+        },
+    );
+    assert_eq!(s.next(now), Next::At(now + MIN_PAUSE), "B waits a second");
+    assert_eq!(s.next(now + MIN_PAUSE), Next::Dispatch(B));
+    assert_eq!(
+        s.next(now + MIN_PAUSE),
+        Next::At(now + MAX_PAUSE),
+        "A waits a day, not forever"
+    );
+}
+
+#[test]
+fn idle_lanes_are_forgotten_once_their_window_and_pause_are_over() {
+    let mut s = Scheduler::new(limits(64, 4, Some(10)));
+    let now = Instant::now();
+    for i in 0..1000u32 {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        s.queued(k);
+    }
+    let mut sent = Vec::new();
+    while let Next::Dispatch(k) = s.next(now) {
+        sent.push(k);
+        s.finished(k, now, Feedback::Answered(Hints::default()));
+    }
+    for k in &sent {
+        s.empty(*k); // the claim found nothing more
+    }
+    // All dispatched (one each), each lane now idle with a send in its window.
+    assert_eq!(s.lanes(), 1000);
+    let _ = s.next(now);
+    assert_eq!(s.lanes(), 1000, "their sends are still inside the window");
+    // A paused lane stays until its pause is over.
+    let paused = sent[0];
+    s.queued(paused);
+    assert_eq!(s.next(now + WINDOW), Next::Dispatch(paused));
+    s.empty(paused);
+    s.queued(paused);
+    assert_eq!(s.next(now + WINDOW), Next::Dispatch(paused));
+    s.finished(
+        paused,
+        now + WINDOW,
+        Feedback::Refused {
+            retry_after: Some(Duration::from_secs(5)),
+            hints: Hints::default(),
+        },
+    );
+    s.empty(paused);
+    let later = now + WINDOW * 2;
+    assert_eq!(s.next(later), Next::Idle);
+    assert_eq!(s.lanes(), 1, "only the paused lane is left");
+    let pause_ends = now + WINDOW + Duration::from_secs(5);
+    assert_eq!(s.housekeeping_at(), Some(pause_ends));
+    assert_eq!(s.next(pause_ends), Next::Idle);
+    assert_eq!(s.lanes(), 0);
+    assert_eq!(s.housekeeping_at(), None);
+}

@@ -99,12 +99,15 @@ impl<Op, Out> Combiner<Op, Out> {
 impl Store {
     /// Stores a new request at the tail of its lane, in one transaction
     /// with the submissions arriving at the same time (on other HTTP
-    /// worker threads). Durable once the ticket is.
+    /// worker threads). Durable once the ticket is. `LaneFull` when its
+    /// lane already holds `NewRequest::max_pending` requests.
     pub async fn submit(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
+        let cap = new.max_pending.unwrap_or(u64::MAX);
         let rec = self
             .submitter
             .combine(new, false, |news| self.enqueue_batch(news))
-            .await?;
+            .await?
+            .ok_or(StoreError::LaneFull(cap))?;
         Ok((rec, self.flusher.ticket()))
     }
 }

@@ -30,6 +30,20 @@ pub fn lane(lane: &LaneKey, seq: u64) -> [u8; 40] {
     k
 }
 
+/// The `counters` key of a lane's count of queued requests (status
+/// counters are one byte, so the two never meet).
+pub fn pending(lane: &LaneKey) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'p';
+    k[1..].copy_from_slice(lane);
+    k
+}
+
+/// The lane a `lane` key belongs to.
+pub fn lane_of(key: &[u8]) -> Option<LaneKey> {
+    key.get(..32)?.try_into().ok()
+}
+
 /// The smallest key after every key of `lane`: where the next lane begins.
 pub fn lane_end(lane: &LaneKey) -> Option<Vec<u8>> {
     let mut k = lane.to_vec();

@@ -12,7 +12,7 @@
 //! | `by_status` | status, id | — (recovery, admin listing) |
 //! | `expiry` | expires at, id | — (retention sweep) |
 //! | `callbacks` | due at, id | attempts so far |
-//! | `counters` | status | count (sled's `len()` walks a tree) |
+//! | `counters` | status, or `p` + lane | count (sled's `len()` walks a tree) |
 //!
 //! Bodies live in segment files (`bodies`), referenced from the records.
 //! Every change touching several trees is one transaction (`tx`). Nothing
@@ -23,6 +23,7 @@ mod codec;
 mod combine;
 mod flusher;
 mod keys;
+mod lanes;
 mod settle;
 mod tx;
 
@@ -34,7 +35,8 @@ use std::thread::JoinHandle;
 use sled::IVec;
 
 pub use flusher::Ticket;
-pub use settle::{Claim, Settle};
+pub use lanes::Claim;
+pub use settle::Settle;
 pub use tx::{Completion, MAX_RECORD_EXTRAS, NewRequest, Recovered, record_extras};
 
 use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
@@ -59,6 +61,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("refused status change: {0}")]
     Transition(String),
+    #[error("the credential's queue holds {0} requests already")]
+    LaneFull(u64),
 }
 
 pub struct StoreConfig {
@@ -87,7 +91,7 @@ pub struct Store {
     /// Request and response bodies, outside sled.
     bodies: Arc<Bodies>,
     /// Gathers concurrent submissions into one transaction.
-    submitter: combine::Combiner<NewRequest, RequestRecord>,
+    submitter: combine::Combiner<NewRequest, Option<RequestRecord>>,
     /// Gathers attempts finishing together into one transaction.
     settler: combine::Combiner<Settle, bool>,
     flusher_thread: Mutex<Option<JoinHandle<()>>>,

@@ -4,15 +4,12 @@
 //! dispatcher settles through `Store::settle`, which gathers the attempts
 //! finishing together into one transaction (see `combine`).
 
-use std::collections::HashMap;
-
-use sled::IVec;
 use sled::transaction::ConflictableTransactionError as Conflict;
 
 use super::keys::{self, Body};
-use super::tx::{CALLBACKS, LANES, RESPONSES, SEALED, Tx, TxResult};
+use super::tx::{CALLBACKS, RESPONSES, SEALED, Tx, TxResult};
 use super::{Completion, Store, StoreError, Ticket, codec};
-use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, Status};
+use crate::model::{BodyRef, RequestId, Status};
 
 /// One attempt's end.
 pub enum Settle {
@@ -57,8 +54,7 @@ impl Tx<'_> {
         match op {
             Settle::Requeue { .. } => {
                 rec.started_ms = None;
-                self.t(LANES)
-                    .insert(&keys::lane(&rec.lane, rec.seq)[..], id.as_bytes())?;
+                self.lane_push(&rec)?;
                 self.set_status(&mut rec, Status::Enqueued)?;
             }
             Settle::Complete {
@@ -180,83 +176,5 @@ impl Store {
             now_ms,
             keep_ms,
         })
-    }
-}
-
-/// What a claim found for one dispatch slot.
-#[derive(Debug)]
-pub enum Claim {
-    /// The request, now `started`: send it once the ticket is durable.
-    Got(Box<RequestRecord>),
-    /// The lane has nothing (more) queued.
-    Empty,
-    /// A stale lane entry was dropped; the lane may hold more.
-    Skipped,
-}
-
-impl Store {
-    /// Claims the heads of `lanes` in one transaction; a lane named k times
-    /// gives its first k queued requests. One `Claim` per slot, in order.
-    pub fn claim_batch(
-        &self,
-        lanes: &[LaneKey],
-        now_ms: u64,
-    ) -> Result<(Vec<Claim>, Ticket), StoreError> {
-        let mut heads: HashMap<LaneKey, std::vec::IntoIter<(IVec, IVec)>> = HashMap::new();
-        for lane in lanes {
-            if !heads.contains_key(lane) {
-                let wanted = lanes.iter().filter(|l| *l == lane).count();
-                let found = self
-                    .tree(LANES)
-                    .scan_prefix(lane)
-                    .take(wanted)
-                    .collect::<Result<Vec<_>, _>>()?;
-                heads.insert(*lane, found.into_iter());
-            }
-        }
-        let picks: Vec<Option<(IVec, IVec)>> = lanes
-            .iter()
-            .map(|l| heads.get_mut(l).and_then(|h| h.next()))
-            .collect();
-        let claimed = self.transact(|tx| {
-            picks
-                .iter()
-                .map(|pick| {
-                    let Some((key, id)) = pick else {
-                        return Ok(Claim::Empty);
-                    };
-                    if tx.t(LANES).get(key)?.is_none() {
-                        return Ok(Claim::Skipped);
-                    }
-                    tx.t(LANES).remove(key)?;
-                    let Some(id) = keys::id_from(id) else {
-                        return Ok(Claim::Skipped);
-                    };
-                    let Some(mut rec) = tx.fenced(&id, Status::Enqueued, None)? else {
-                        return Ok(Claim::Skipped);
-                    };
-                    rec.claims += 1;
-                    rec.started_ms = Some(now_ms);
-                    tx.set_status(&mut rec, Status::Started)?;
-                    tx.put(&rec)?;
-                    Ok(Claim::Got(Box::new(rec)))
-                })
-                .collect()
-        });
-        let claims = match claimed {
-            Ok(c) => c,
-            // An unreadable record fails the whole batch: claim one by one,
-            // which quarantines it.
-            Err(StoreError::Codec(_)) => lanes
-                .iter()
-                .map(|l| {
-                    Ok(self
-                        .claim_next(l, now_ms)?
-                        .map_or(Claim::Empty, |(r, _)| Claim::Got(Box::new(r))))
-                })
-                .collect::<Result<_, StoreError>>()?,
-            Err(e) => return Err(e),
-        };
-        Ok((claims, self.flusher.ticket()))
     }
 }

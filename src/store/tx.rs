@@ -161,6 +161,9 @@ pub struct NewRequest {
     pub callback: Option<Callback>,
     pub sealed_credential: Vec<u8>,
     pub now_ms: u64,
+    /// `--max-pending-per-credential`: refuse it if its lane already holds
+    /// this many `enqueued` requests.
+    pub max_pending: Option<u64>,
 }
 
 /// An upstream answer to store.
@@ -196,22 +199,41 @@ impl Store {
             })
     }
 
-    /// Stores a new request at the tail of its lane.
+    /// Stores a new request at the tail of its lane; `LaneFull` if its
+    /// lane already holds `NewRequest::max_pending` requests.
     pub fn enqueue(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
-        let mut recs = self.enqueue_batch(vec![new])?;
-        let rec = recs.pop().ok_or(StoreError::Closed)?;
+        let cap = new.max_pending.unwrap_or(u64::MAX);
+        let rec = self
+            .enqueue_batch(vec![new])?
+            .pop()
+            .flatten()
+            .ok_or(StoreError::LaneFull(cap))?;
         Ok((rec, self.flusher.ticket()))
     }
 
     /// Stores new requests, each at the tail of its lane, in one
     /// transaction: sled rolls its log buffer and takes a global lock for
     /// every transaction, so one per request would bound the accept rate.
-    pub fn enqueue_batch(&self, news: Vec<NewRequest>) -> Result<Vec<RequestRecord>, StoreError> {
+    /// One answer per request: `None` where its lane was full. The counts
+    /// are read and raised inside the transaction, so the cap holds exactly
+    /// under concurrent submissions.
+    pub fn enqueue_batch(
+        &self,
+        news: Vec<NewRequest>,
+    ) -> Result<Vec<Option<RequestRecord>>, StoreError> {
         let _gate = self.bodies.gate();
         let mut recs = Vec::with_capacity(news.len());
-        let mut sealed = Vec::with_capacity(news.len());
+        let mut extra = Vec::with_capacity(news.len());
         for new in news {
-            recs.push(RequestRecord {
+            // A lane already full is refused before its body is written.
+            if let Some(cap) = new.max_pending
+                && self.pending_in_lane(&new.lane)? >= cap
+            {
+                recs.push(None);
+                extra.push((Vec::new(), None));
+                continue;
+            }
+            recs.push(Some(RequestRecord {
                 id: new.id,
                 seq: self.db.generate_id()?,
                 lane: new.lane,
@@ -227,63 +249,36 @@ impl Store {
                 outcome: None,
                 finished_ms: None,
                 expires_ms: None,
-            });
-            sealed.push(new.sealed_credential);
+            }));
+            extra.push((new.sealed_credential, new.max_pending));
         }
-        self.transact(|tx| {
-            for (r, sealed) in recs.iter().zip(&sealed) {
+        let stored = self.transact(|tx| {
+            let mut stored = Vec::with_capacity(recs.len());
+            for (r, (sealed, cap)) in recs.iter().zip(&extra) {
+                let Some(r) = r else {
+                    stored.push(false);
+                    continue;
+                };
+                if let Some(cap) = cap
+                    && tx.pending(&r.lane)? >= *cap
+                {
+                    stored.push(false);
+                    continue;
+                }
                 tx.add_body(&r.id, Body::Request, r.body)?;
                 tx.t(SEALED).insert(r.id.as_bytes(), sealed.as_slice())?;
-                tx.t(LANES)
-                    .insert(&keys::lane(&r.lane, r.seq)[..], r.id.as_bytes())?;
+                tx.lane_push(r)?;
                 tx.index_status(Status::Enqueued, &r.id, true)?;
                 tx.put(r)?;
+                stored.push(true);
             }
-            Ok(())
+            Ok(stored)
         })?;
-        Ok(recs)
-    }
-
-    /// Takes the head of `lane`: it becomes `started`. Send it only once the
-    /// ticket is durable. `None` when the lane is empty.
-    pub fn claim_next(
-        &self,
-        lane: &LaneKey,
-        now_ms: u64,
-    ) -> Result<Option<(RequestRecord, Ticket)>, StoreError> {
-        loop {
-            let Some((key, id)) = self.tree(LANES).scan_prefix(lane).next().transpose()? else {
-                return Ok(None);
-            };
-            let Some(id) = keys::id_from(&id) else {
-                log::error!("lane entry with a malformed id; dropping it");
-                self.tree(LANES).remove(&key)?;
-                continue;
-            };
-            let claimed = self.transact(|tx| {
-                if tx.t(LANES).get(&key)?.is_none() {
-                    return Ok(None); // taken meanwhile: look again
-                }
-                tx.t(LANES).remove(&key)?;
-                let Some(mut rec) = tx.fenced(&id, Status::Enqueued, None)? else {
-                    return Ok(Some(None)); // a stale entry: dropped
-                };
-                rec.claims += 1;
-                rec.started_ms = Some(now_ms);
-                tx.set_status(&mut rec, Status::Started)?;
-                tx.put(&rec)?;
-                Ok(Some(Some(rec)))
-            });
-            match claimed {
-                Ok(Some(Some(rec))) => return Ok(Some((rec, self.flusher.ticket()))),
-                Ok(_) => continue,
-                Err(StoreError::Codec(e)) => {
-                    log::error!("request {id} is unreadable ({e}); quarantined off its lane");
-                    self.tree(LANES).remove(&key)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(recs
+            .into_iter()
+            .zip(stored)
+            .map(|(r, ok)| r.filter(|_| ok))
+            .collect())
     }
 
     /// Start-up recovery: whatever was `started` when the last process died
@@ -340,21 +335,41 @@ impl Store {
         })
     }
 
-    /// Deletes a request and everything stored for it. With `only_finished`
-    /// it refuses (false) while the request is `enqueued` or `started`.
-    pub fn delete(&self, id: &RequestId, only_finished: bool) -> Result<bool, StoreError> {
+    /// Deletes a `done` or `unknown` request and everything stored for it;
+    /// false (nothing changed) for any other status.
+    pub fn delete(&self, id: &RequestId) -> Result<bool, StoreError> {
+        self.delete_if(id, |rec| {
+            matches!(rec.status, Status::Done | Status::Unknown)
+        })
+    }
+
+    /// Deletes a request whose retention ended by `now_ms`, re-checked in
+    /// the deleting transaction: an operator's requeue between the sweep's
+    /// look at the expiry index and this delete must not lose a request.
+    pub fn delete_expired(&self, id: &RequestId, now_ms: u64) -> Result<bool, StoreError> {
+        self.delete_if(id, |rec| {
+            matches!(rec.status, Status::Done | Status::Unknown) && rec.is_expired(now_ms)
+        })
+    }
+
+    /// Deletes a request and everything stored for it, if `allowed` says so
+    /// of the record as the deleting transaction sees it.
+    pub(super) fn delete_if(
+        &self,
+        id: &RequestId,
+        allowed: impl Fn(&RequestRecord) -> bool,
+    ) -> Result<bool, StoreError> {
         // The references alone: a sweep of many deletes reads no segment.
         let response = self.response_refs(id)?;
         self.transact(|tx| {
             let Some(rec) = tx.record(id)? else {
                 return Ok(false);
             };
-            let running = matches!(rec.status, Status::Enqueued | Status::Started);
-            if only_finished && running {
+            if !allowed(&rec) {
                 return Ok(false);
             }
             if rec.status == Status::Enqueued {
-                tx.t(LANES).remove(&keys::lane(&rec.lane, rec.seq)[..])?;
+                tx.lane_remove(&rec.lane, rec.seq)?;
             }
             tx.index_status(rec.status, id, false)?;
             tx.drop_body(id, Body::Request, rec.body)?;
@@ -395,8 +410,7 @@ impl Store {
             rec.finished_ms = None;
             rec.started_ms = None;
             rec.seq = seq;
-            tx.t(LANES)
-                .insert(&keys::lane(&rec.lane, seq)[..], id.as_bytes())?;
+            tx.lane_push(&rec)?;
             tx.set_status(&mut rec, Status::Enqueued)?;
             tx.put(&rec)?;
             Ok(Some(rec))
