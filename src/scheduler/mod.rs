@@ -102,14 +102,14 @@ impl Lane {
     /// When the lane's state stops mattering if nothing new comes: its
     /// pause is over and its last send has left the rate window. `None`
     /// while it has work queued or in flight.
-    fn idle_from(&self) -> Option<Instant> {
+    fn idle_from(&self, now: Instant) -> Option<Instant> {
         if self.queued || self.in_flight > 0 {
             return None;
         }
         let window_ends = self.sent.back().map(|&t| t + WINDOW);
         Some(match (self.paused_until, window_ends) {
             (Some(a), Some(b)) => a.max(b),
-            (a, b) => a.or(b).unwrap_or_else(Instant::now),
+            (a, b) => a.or(b).unwrap_or(now),
         })
     }
 
@@ -191,10 +191,10 @@ impl Scheduler {
     }
 
     /// Schedules `key`'s state to be dropped once it is idle.
-    fn went_idle(&mut self, key: LaneKey) {
+    fn went_idle(&mut self, key: LaneKey, now: Instant) {
         if let Some(lane) = self.lanes.get_mut(&key)
             && !lane.reaping
-            && let Some(at) = lane.idle_from()
+            && let Some(at) = lane.idle_from(now)
         {
             lane.reaping = true;
             self.reap.push(Reverse((at, key)));
@@ -218,15 +218,22 @@ impl Scheduler {
                 continue;
             };
             lane.reaping = false;
-            match lane.idle_from() {
+            match lane.idle_from(now) {
                 Some(t) if t <= now && !lane.in_ring => {
                     self.lanes.remove(&key);
                 }
-                Some(t) if t > now => self.went_idle(key),
+                Some(t) if t > now => self.went_idle(key, now),
                 // Busy again, or still in the ring: scheduled again when
                 // it next goes idle.
                 _ => {}
             }
+        }
+        // A flood's tables keep their size after it: give the memory back
+        // once they are mostly empty.
+        if self.lanes.capacity() > 1024 && self.lanes.len() < self.lanes.capacity() / 4 {
+            self.lanes.shrink_to(self.lanes.len() * 2);
+            self.ring.shrink_to(self.ring.len() * 2);
+            self.reap.shrink_to(self.reap.len() * 2);
         }
     }
 
@@ -258,7 +265,7 @@ impl Scheduler {
             };
             if !lane.queued {
                 lane.in_ring = false;
-                self.went_idle(key);
+                self.went_idle(key, now);
                 continue;
             }
             self.ring.push_back(key);
@@ -342,7 +349,7 @@ impl Scheduler {
         if back_in_queue {
             self.queued(key);
         } else {
-            self.went_idle(key);
+            self.went_idle(key, now);
         }
     }
 }

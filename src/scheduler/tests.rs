@@ -401,3 +401,45 @@ fn idle_lanes_are_forgotten_once_their_window_and_pause_are_over() {
     assert_eq!(s.lanes(), 0);
     assert_eq!(s.housekeeping_at(), None);
 }
+
+#[test]
+fn a_drained_lane_is_forgotten_as_the_dispatcher_drives_it() {
+    let mut s = Scheduler::new(limits(64, 4, None));
+    let now = Instant::now();
+    s.queued(A);
+    s.queued(B);
+    // One request each: dispatched, answered, then a claim finds nothing.
+    let mut running = Vec::new();
+    while let Next::Dispatch(k) = s.next(now) {
+        running.push(k);
+    }
+    assert_eq!(running.len(), 8, "4 slots each, the claims decide");
+    let (got, empty) = running.split_at(2);
+    for k in empty {
+        s.empty(*k);
+    }
+    for k in got {
+        s.finished(*k, now, Feedback::Answered(Hints::default()));
+    }
+    assert_eq!(s.next(now), Next::Idle);
+    assert_eq!(s.housekeeping_at(), Some(now + WINDOW));
+    assert_eq!(s.next(now + WINDOW), Next::Idle);
+    assert_eq!(s.lanes(), 0);
+}
+
+#[test]
+fn a_lane_whose_sends_left_the_window_before_it_drained_is_forgotten() {
+    let mut s = Scheduler::new(limits(64, 4, None));
+    let now = Instant::now();
+    s.queued(A);
+    assert_eq!(s.next(now), Next::Dispatch(A));
+    s.finished(A, now, Feedback::Answered(Hints::default()));
+    // The next look comes after the window: the send is forgotten, and
+    // the claim finds the lane empty.
+    let later = now + WINDOW * 3;
+    assert_eq!(s.next(later), Next::Dispatch(A));
+    s.empty(A);
+    assert_eq!(s.next(later), Next::Idle);
+    assert_eq!(s.next(later), Next::Idle);
+    assert_eq!(s.lanes(), 0);
+}
