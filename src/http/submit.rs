@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use super::{ApiError, State, single_header};
-use crate::crypto::credential_hash;
+use crate::crypto::{CryptoError, credential_hash};
 use crate::model::{Callback, CallbackMethod, RequestId, end_to_end, format_time, now_ms};
 use crate::store::{self, NewRequest};
 
@@ -58,7 +58,9 @@ pub async fn submit(
     if store::record_extras(&target, &headers, callback.as_ref()) > store::MAX_RECORD_EXTRAS {
         return Err(ApiError::HeadersTooLarge(store::MAX_RECORD_EXTRAS));
     }
-    let id = RequestId::generate();
+    // Without randomness no unguessable id can be made: refuse the
+    // submission (500, logged) rather than store one that could be guessed.
+    let id = RequestId::try_generate().map_err(|_| ApiError::Crypto(CryptoError::Random))?;
     let lane = credential_hash(state.store.salt(), credential);
     let sealed_credential = state.sealer.seal_credential(&id, credential)?;
     let (rec, ticket) = state
