@@ -1,9 +1,46 @@
 //! Input that must be refused (SPEC §1, §8), ids that cannot be guessed
 //! (§0), and the credential key check at start (§6).
 
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
 use asyncgate::model::RequestId;
 
 use crate::helpers::*;
+use crate::process::{Proc, data_and_log, free_port};
+
+/// Runs the binary with `args` (and `env`), which must exit by itself
+/// within 30 s: a start that wrongly succeeds fails the test instead of
+/// hanging it. Returns the exit status and what it wrote to stderr.
+async fn run_to_exit(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let err_path = dir.join("stderr");
+    let err = std::fs::File::create(&err_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SECS(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after 30 s: {}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    };
+    (status, std::fs::read_to_string(&err_path).unwrap())
+}
 
 /// The random part of an id: its low 80 bits.
 fn random_part(id: &str) -> u128 {
@@ -30,4 +67,61 @@ async fn ids_handed_out_together_are_not_neighbours() {
         );
     }
     app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_wrong_credential_key_file_stops_the_start_and_names_the_file() {
+    // Nothing listens upstream: the request stays enqueued, its credential
+    // sealed.
+    let upstream = format!("http://127.0.0.1:{}", free_port());
+    let (dir, data, log) = data_and_log();
+    let p = Proc::start(&upstream, &data, &log, &[]).await;
+    let res = awc::Client::default()
+        .post(format!("{}/async_api/v2/x.json", p.base))
+        .insert_header(("Authorization", "Bearer secret"))
+        .send_body("{}")
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let location = res.headers().get("location").unwrap().to_str().unwrap();
+    let location = location.to_string();
+    p.signal("-TERM");
+    assert!(p.wait_exit(SECS(20)).await.0, "a clean stop");
+
+    let key_file = dir.path().join("data.key");
+    let right_key = std::fs::read(&key_file).expect("the key beside the data dir");
+    let mut other_key = [0u8; 32];
+    getrandom::getrandom(&mut other_key).unwrap();
+    std::fs::write(&key_file, other_key).unwrap();
+    let data_arg = data.display().to_string();
+    let args = [
+        "serve",
+        "--upstream",
+        &upstream,
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_arg,
+    ];
+    let (status, stderr) = run_to_exit(dir.path(), &args, &[]).await;
+    assert!(!status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains(&key_file.display().to_string()) && stderr.contains("not the key"),
+        "names the key file: {stderr}"
+    );
+    assert!(!stderr.contains("Bearer secret"), "{stderr}");
+
+    // The right key starts again, and the refused start changed nothing.
+    std::fs::write(&key_file, right_key).unwrap();
+    let p = Proc::start(&upstream, &data, &log, &[]).await;
+    let mut res = awc::Client::default()
+        .get(format!("{}{location}", p.base))
+        .insert_header(("Authorization", "Bearer secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "enqueued", "{body}");
+    p.kill9();
 }
