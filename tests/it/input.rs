@@ -70,6 +70,64 @@ async fn ids_handed_out_together_are_not_neighbours() {
 }
 
 #[actix_web::test]
+async fn callback_locations_the_url_parser_refuses_get_400_and_nothing_is_stored_or_sent() {
+    let up = Fake::start().await;
+    let receiver = Fake::start().await;
+    let port = receiver.addr.port();
+    let app = TestApp::start(&up.url(), &[]).await;
+    let refused = [
+        // http::Uri took this one, and the callback went to port 80
+        "http://127.0.0.1:99999/cb".to_string(),
+        "http://127.0.0.1:0/cb".to_string(),
+        "http:/127.0.0.1/cb".to_string(),
+        format!("http:///127.0.0.1:{port}/cb"),
+        format!("http://127.0.0.1:{port}/a b"),
+        format!("http://user:secret@127.0.0.1:{port}/cb"),
+        "gateway.example.com/cb".to_string(),
+    ];
+    for location in &refused {
+        let a = app
+            .call(
+                "POST",
+                "/async_api/v2/x.json",
+                &[("X-Callback-Location", location)],
+                b"{}",
+            )
+            .await;
+        assert_eq!(a.status, 400, "{location}: {a:?}");
+        assert_eq!(a.header("content-type"), Some("application/json"));
+        let e = a.json();
+        assert_eq!(
+            e["error"]["code"], "invalid_callback_location",
+            "{location}"
+        );
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("X-Callback-Location"), "{message}");
+    }
+    // An IPv6 literal is a URL like any other: stored, run, called back.
+    let ipv6 = Fake::start_on("[::1]:0".parse().unwrap(), |_, _| Reply::ok("")).await;
+    let good = format!("http://[::1]:{}/cb?k=1", ipv6.addr.port());
+    let id = app
+        .submit(
+            "POST",
+            "/async_api/v2/x.json",
+            &[("X-Callback-Location", &good)],
+            b"{}",
+        )
+        .await;
+    let got = ipv6.wait_for(1, SECS(10)).await;
+    assert_eq!(got[0].uri, "/cb?k=1");
+    assert!(String::from_utf8_lossy(&got[0].body).contains(&id));
+    actix_web::rt::time::sleep(SECS(1)).await;
+    assert_eq!(up.seen().len(), 1, "only the good submission ran");
+    assert_eq!(receiver.seen().len(), 0, "no refused callback was called");
+    let metrics = app.call("GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8(metrics.body).unwrap();
+    assert!(text.contains("asyncgate_accepted_total 1\n"), "{text}");
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn a_wrong_credential_key_file_stops_the_start_and_names_the_file() {
     // Nothing listens upstream: the request stays enqueued, its credential
     // sealed.
