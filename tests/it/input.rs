@@ -183,3 +183,37 @@ async fn a_wrong_credential_key_file_stops_the_start_and_names_the_file() {
     assert_eq!(body["status"], "enqueued", "{body}");
     p.kill9();
 }
+
+#[actix_web::test]
+async fn a_public_url_that_is_not_an_absolute_url_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let serve = [
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+    ];
+    let flag: Vec<&str> = serve
+        .iter()
+        .copied()
+        .chain(["--public-url", "gateway.example.com"])
+        .collect();
+    let env = [("ASYNCGATE_PUBLIC_URL", "gateway.example.com")];
+    for (args, env) in [(&flag[..], &[][..]), (&serve[..], &env[..])] {
+        let (status, stderr) = run_to_exit(dir.path(), args, env).await;
+        assert!(!status.success(), "{status}: {stderr}");
+        assert!(
+            stderr.contains("--public-url") && stderr.contains("gateway.example.com"),
+            "a clear message: {stderr}"
+        );
+        assert!(stderr.contains("absolute"), "{stderr}");
+        assert!(
+            !Path::new(&data).exists(),
+            "stopped before opening the store"
+        );
+    }
+}
