@@ -68,7 +68,14 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         path: args.data_dir.clone(),
         cache_capacity: args.cache_capacity,
     })?);
-    let sealer = Sealer::load_or_create(&args.key_file(), store.has_sealed_credentials()?)?;
+    let first_sealed = store.first_sealed()?;
+    let sealer = Sealer::load_or_create(&args.key_file(), first_sealed.is_some())?;
+    // A wrong key file stops the start (SPEC §6) before recovery changes
+    // anything; one sealed credential is enough to tell, since one key
+    // sealed them all.
+    if let Some((id, sealed)) = &first_sealed {
+        sealer.check(id, sealed)?;
+    }
     let recovered = store.recover(now_ms(), args.unknown_retention.as_millis() as u64)?;
     if recovered.requeued + recovered.unknown > 0 {
         log::warn!(

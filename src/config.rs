@@ -136,8 +136,9 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_CALLBACK_ALLOW", value_delimiter = ',')]
     pub callback_allow: Vec<ipnet::IpNet>,
 
-    /// Public base URL; makes `response_url` absolute.
-    #[arg(long, env = "ASYNCGATE_PUBLIC_URL")]
+    /// Public base URL (absolute http:// or https://, optional path
+    /// prefix, no query); makes `response_url` absolute.
+    #[arg(long, env = "ASYNCGATE_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 
     /// Bytes of the store's page cache (sled's estimate; RSS runs above it).
@@ -229,6 +230,36 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// `--public-url`: an absolute `http`/`https` URL with a host, no query,
+/// fragment or `user:password@` (it is handed to every client), returned as
+/// the URL parser writes it (so `response_url` is a well-formed URL
+/// whatever the case or default port typed) without its trailing slash, so
+/// that `response_url` is this plus `/async_api/...`. Anything else would
+/// make every `response_url` wrong, so it stops the start.
+pub fn parse_public_url(s: &str) -> Result<String, String> {
+    let bad = |why: &str| {
+        format!("`{s}` {why}; --public-url takes an absolute URL like https://gateway.example.com")
+    };
+    let url = url::Url::parse(s).map_err(|e| bad(&format!("is not an absolute URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("is not an http:// or https:// URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad(
+            "has a query or fragment, which the paths joined to it would break",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "carries user:password@, which every client would be given",
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
 /// `10MiB`, `512KiB`, `1GiB`, `10MB`, or plain bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("`{s}` is not a size like 10MiB, 512KiB or 1048576");
@@ -273,6 +304,69 @@ mod tests {
         assert_eq!(parse_size("1000"), Ok(1000));
         assert!(parse_size("ten").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn public_urls_are_absolute_http_bases_without_a_trailing_slash() {
+        for (given, kept) in [
+            ("https://gateway.example.com", "https://gateway.example.com"),
+            (
+                "https://gateway.example.com/",
+                "https://gateway.example.com",
+            ),
+            ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+            (
+                "https://gateway.example.com/prefix/",
+                "https://gateway.example.com/prefix",
+            ),
+            (
+                "HTTPS://Gateway.Example.com:443/x",
+                "https://gateway.example.com/x",
+            ),
+            ("http://[::1]:8080", "http://[::1]:8080"),
+        ] {
+            assert_eq!(parse_public_url(given).as_deref(), Ok(kept), "{given}");
+        }
+        for bad in [
+            "gateway.example.com",
+            "gateway.example.com:8080",
+            "/async",
+            "",
+            "ftp://gateway.example.com",
+            "mailto:ops@gateway.example.com",
+            "https://",
+            "https://gateway.example.com:99999",
+            "https://gateway.example.com/?x=1",
+            "https://gateway.example.com?",
+            "https://gateway.example.com/#top",
+            "https://ops:secret@gateway.example.com",
+        ] {
+            let e = parse_public_url(bad).expect_err(bad);
+            assert!(e.contains("--public-url") || e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_public_url_that_is_not_a_url_stops_the_parse() {
+        let serve = |url: &str| {
+            Cli::try_parse_from([
+                "asyncgate",
+                "serve",
+                "--upstream",
+                "http://x",
+                "--public-url",
+                url,
+            ])
+        };
+        let e = serve("gateway.example.com").unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        let Command::Serve(a) = serve("https://gateway.example.com/").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(
+            a.gateway.public_url.as_deref(),
+            Some("https://gateway.example.com")
+        );
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub enum CryptoError {
         "credential key file {0} is missing but sealed credentials exist; restore it (or point --credential-key-file at it)"
     )]
     KeyMissing(PathBuf),
+    #[error(
+        "credential key file {0} is not the key the stored credentials were sealed with (request {1}'s cannot be opened); restore the original key file (or point --credential-key-file at it)"
+    )]
+    WrongKey(PathBuf, RequestId),
     #[error("credential key file {0}: {1}")]
     KeyFile(PathBuf, String),
     #[error("a sealed credential could not be opened")]
@@ -36,6 +40,8 @@ const NONCE: usize = 12;
 #[derive(Clone)]
 pub struct Sealer {
     cipher: ChaCha20Poly1305,
+    /// Where the key came from, to name it when it turns out wrong.
+    key_file: PathBuf,
 }
 
 impl Sealer {
@@ -76,7 +82,18 @@ impl Sealer {
         }
         Ok(Sealer {
             cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            key_file: path.to_path_buf(),
         })
+    }
+
+    /// The start-up check that this is the key `sealed` (the credential of
+    /// request `id`) was sealed with. A wrong key file would otherwise let
+    /// the gateway start and then fail every stored request at dispatch,
+    /// retrying them forever; stopping the start names the file instead.
+    pub fn check(&self, id: &RequestId, sealed: &[u8]) -> Result<(), CryptoError> {
+        self.unseal_credential(id, sealed)
+            .map(|_| ())
+            .map_err(|_| CryptoError::WrongKey(self.key_file.clone(), *id))
     }
 
     pub fn seal(&self, id: &RequestId, credential: &[u8]) -> Result<Vec<u8>, CryptoError> {
@@ -201,6 +218,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = Sealer::load_or_create(&dir.path().join("k"), true);
         assert!(matches!(e, Err(CryptoError::KeyMissing(_))));
+    }
+
+    #[test]
+    fn the_start_up_check_tells_a_wrong_key_file_from_the_right_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let right = Sealer::load_or_create(&path, false).unwrap();
+        let id = RequestId::generate();
+        let sealed = right.seal_credential(&id, Some(b"Bearer x")).unwrap();
+        right.check(&id, &sealed).unwrap();
+        let anonymous = right.seal_credential(&id, None).unwrap();
+        right.check(&id, &anonymous).unwrap();
+
+        fs::write(&path, [7u8; 32]).unwrap();
+        let wrong = Sealer::load_or_create(&path, true).unwrap();
+        let e = wrong.check(&id, &sealed).unwrap_err();
+        assert!(matches!(e, CryptoError::WrongKey(..)), "{e:?}");
+        let message = e.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("not the key"), "{message}");
     }
 
     #[test]

@@ -4,41 +4,46 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
 /// A request's public name: a ULID in canonical form. Queue order does not
-/// come from it (see `RequestRecord::seq`).
+/// come from it (see `RequestRecord::seq`), so nothing needs ids to sort in
+/// creation order, and they do not: knowing one id must not tell anyone
+/// another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RequestId(pub [u8; 16]);
 
+/// The OS gave no randomness. An id made without it could be guessed, so
+/// none is made: the caller refuses the work instead.
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system gave no randomness for a request id")]
+pub struct NoRandomness;
+
 impl RequestId {
-    /// A fresh id; ids made by one process sort in creation order.
+    /// A fresh id: this millisecond and 80 bits drawn from the OS for this
+    /// id alone (SPEC §0). Not `ulid::Generator`: within a millisecond it
+    /// increments the random part, so one id gives away its neighbours.
+    /// Fails rather than fall back to anything predictable.
+    pub fn try_generate() -> Result<RequestId, NoRandomness> {
+        let mut random = [0u8; 16];
+        getrandom::getrandom(&mut random[6..]).map_err(|_| NoRandomness)?;
+        let ulid = Ulid::from_parts(now_ms(), u128::from_be_bytes(random));
+        Ok(RequestId(ulid.to_bytes()))
+    }
+
+    /// `try_generate` for tests, benches and tools, where a machine without
+    /// randomness may as well stop. Never on the request path: that uses
+    /// `try_generate` and answers an error.
     pub fn generate() -> RequestId {
-        static GENERATOR: Mutex<Option<ulid::Generator>> = Mutex::new(None);
-        let mut guard = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
-        let generator = guard.get_or_insert_with(ulid::Generator::new);
-        // The generator fails only when 2^80 ids are made in one millisecond;
-        // a random one is then as unique, only not ordered.
-        let ulid = generator
-            .generate()
-            .unwrap_or_else(|_| Ulid::from_parts(now_ms(), getrandom_u128()));
-        RequestId(ulid.to_bytes())
+        Self::try_generate().expect("the OS gives randomness")
     }
 
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }
-}
-
-fn getrandom_u128() -> u128 {
-    let mut b = [0u8; 16];
-    // No entropy at all means the OS is broken; zeros still give a valid id.
-    let _ = getrandom::getrandom(&mut b);
-    u128::from_be_bytes(b)
 }
 
 impl fmt::Display for RequestId {
@@ -274,11 +279,40 @@ mod tests {
         assert!("01JDQ8M3Z1X4A6QF0W3N9YB2K!".parse::<RequestId>().is_err());
     }
 
+    /// Ids made in one millisecond must not give each other away: the old
+    /// `ulid::Generator` incremented the random part, so one id named its
+    /// neighbours.
     #[test]
-    fn ids_sort_in_creation_order() {
-        let a = RequestId::generate();
-        let b = RequestId::generate();
-        assert!(a < b);
+    fn ids_made_together_do_not_reveal_their_neighbours() {
+        const N: usize = 10_000;
+        let ids: Vec<Ulid> = (0..N)
+            .map(|_| Ulid::from_bytes(RequestId::try_generate().unwrap().0))
+            .collect();
+        let mut per_ms = std::collections::HashMap::<u64, usize>::new();
+        for id in &ids {
+            *per_ms.entry(id.timestamp_ms()).or_default() += 1;
+        }
+        assert!(
+            per_ms.values().any(|&n| n > 1),
+            "some ids share a millisecond, or the test proves nothing"
+        );
+        let mut random: Vec<u128> = ids.iter().map(|id| id.random()).collect();
+        random.sort_unstable();
+        random.dedup();
+        assert_eq!(random.len(), N, "all distinct");
+        // Neighbours by value, whatever their millisecond: 10,000 fresh
+        // 80-bit values lie about 2^66 apart, so two within 2^20 of each
+        // other (chance about 2^-33) or sharing their top 64 bits means an
+        // increment, not randomness.
+        for pair in random.windows(2) {
+            assert!(
+                pair[1] - pair[0] > 1 << 20,
+                "{:x} and {:x}",
+                pair[0],
+                pair[1]
+            );
+            assert_ne!(pair[0] >> 16, pair[1] >> 16, "same top 64 random bits");
+        }
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! `ANY /async_api/<rest>`: validate, store durably, answer 202, wake the
 //! dispatcher. Nothing is stored for a bad submission.
 
-use actix_web::http::{Method, StatusCode, Uri, header};
+use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use serde_json::json;
 
 use super::{ApiError, State, single_header};
-use crate::crypto::credential_hash;
+use crate::crypto::{CryptoError, credential_hash};
 use crate::model::{Callback, CallbackMethod, RequestId, end_to_end, format_time, now_ms};
 use crate::store::{self, NewRequest};
 
@@ -66,7 +66,9 @@ pub async fn submit(
     if store::record_extras(&target, &headers, callback.as_ref()) > store::MAX_RECORD_EXTRAS {
         return Err(ApiError::HeadersTooLarge(store::MAX_RECORD_EXTRAS));
     }
-    let id = RequestId::generate();
+    // Without randomness no unguessable id can be made: refuse the
+    // submission (500, logged) rather than store one that could be guessed.
+    let id = RequestId::try_generate().map_err(|_| ApiError::Crypto(CryptoError::Random))?;
     let sealed_credential = state.sealer.seal_credential(&id, credential)?;
     let (rec, ticket) = state
         .store
@@ -107,15 +109,8 @@ fn callback(req: &HttpRequest) -> Result<Option<Callback>, ApiError> {
     let Some(location) = location else {
         return Ok(None); // X-Callback-Method alone is ignored
     };
-    let url = std::str::from_utf8(location)
-        .ok()
-        .filter(|s| is_absolute_http_url(s))
-        .ok_or_else(|| {
-            ApiError::bad(
-                "invalid_callback_location",
-                "X-Callback-Location must be an absolute http:// or https:// URL",
-            )
-        })?;
+    let url =
+        callback_url(location).map_err(|why| ApiError::bad("invalid_callback_location", why))?;
     let bad_method = || {
         ApiError::bad(
             "invalid_callback_method",
@@ -128,16 +123,56 @@ fn callback(req: &HttpRequest) -> Result<Option<Callback>, ApiError> {
         Some(m) if m.eq_ignore_ascii_case(b"get") => CallbackMethod::Get,
         Some(_) => return Err(bad_method()),
     };
-    Ok(Some(Callback {
-        url: url.to_string(),
-        method,
-    }))
+    Ok(Some(Callback { url, method }))
 }
 
-fn is_absolute_http_url(s: &str) -> bool {
-    s.parse::<Uri>().is_ok_and(|u| {
-        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
-    })
+const NOT_ABSOLUTE_HTTP: &str = "X-Callback-Location must be an absolute http:// or https:// URL \
+     with a host and a port from 1 to 65535, written in printable ASCII without spaces";
+
+/// Checks an `X-Callback-Location` value with the same parser (`url`, the
+/// WHATWG rules) that the callback sender uses, and returns the URL to
+/// store: the parser's normalized form, fragment dropped. Storing that form
+/// means what was checked here is byte for byte what will be called (and
+/// what the callback guard resolves): no second reading of the client's
+/// text can differ, and re-parsing a serialized URL gives it back
+/// unchanged.
+///
+/// Stricter than the parser where it would otherwise guess: the value must
+/// be printable ASCII without spaces or backslashes (WHATWG drops tabs and
+/// newlines, percent-encodes spaces and reads `\` as `/`), and must start
+/// `http://` or `https://` followed by a host (the parser turns `http:/x`
+/// and `http:///x` into host `x`). Port 0 can never be connected to.
+///
+/// Userinfo (`user:password@`) is refused: awc, the callback client, does
+/// not turn it into credentials, so a receiver that wants them would answer
+/// 401 until the retention ends, while the password sat in the store and
+/// risked the logs. A secret belongs in the query string, kept out of logs.
+fn callback_url(raw: &[u8]) -> Result<String, &'static str> {
+    if !raw.iter().all(|b| b.is_ascii_graphic() && *b != b'\\') {
+        return Err(NOT_ABSOLUTE_HTTP);
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| NOT_ABSOLUTE_HTTP)?;
+    let lower = text.to_ascii_lowercase();
+    let authority = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+        .ok_or(NOT_ABSOLUTE_HTTP)?;
+    if authority.starts_with('/') {
+        return Err(NOT_ABSOLUTE_HTTP);
+    }
+    let mut url = url::Url::parse(text).map_err(|_| NOT_ABSOLUTE_HTTP)?;
+    let has_host = url.host_str().is_some_and(|h| !h.is_empty());
+    if !matches!(url.scheme(), "http" | "https") || !has_host || url.port() == Some(0) {
+        return Err(NOT_ABSOLUTE_HTTP);
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "X-Callback-Location must not carry user:password@; put a token in its query string",
+        );
+    }
+    // Never sent on the wire (RFC 9110 §4.2.5), so not kept.
+    url.set_fragment(None);
+    Ok(url.into())
 }
 
 /// Reads the whole body, refusing it as soon as it passes `max`.
@@ -167,21 +202,75 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::is_absolute_http_url;
+    use super::callback_url;
+
+    fn ok(raw: &str) -> String {
+        callback_url(raw.as_bytes()).unwrap_or_else(|e| panic!("{raw}: {e}"))
+    }
 
     #[test]
-    fn callback_urls_must_be_absolute_http() {
-        assert!(is_absolute_http_url("http://client.example/callback"));
-        assert!(is_absolute_http_url("https://client.example:8443/cb?x=1"));
+    fn callback_urls_are_stored_as_the_parser_reads_them() {
+        for same in [
+            "http://client.example/callback",
+            "https://client.example:8443/cb?x=1",
+            "http://127.0.0.1:9/cb",
+            "http://[::1]:8080/cb",
+            "http://client.example/cb?a=1&b=%2F&c",
+        ] {
+            assert_eq!(ok(same), same);
+        }
+        // Normalized: what is stored is what will be called (and what the
+        // callback guard resolves); the fragment is never sent anyway.
+        assert_eq!(
+            ok("HTTP://Client.Example:80/cb"),
+            "http://client.example/cb"
+        );
+        assert_eq!(ok("http://client.example"), "http://client.example/");
+        assert_eq!(ok("http://x.example/a/../cb#frag"), "http://x.example/cb");
+        assert_eq!(ok("http://0x7f.1:8080/cb"), "http://127.0.0.1:8080/cb");
+        assert_eq!(ok("https://[0:0::1]/cb"), "https://[::1]/cb");
+    }
+
+    #[test]
+    fn callback_urls_must_be_absolute_http_with_a_host_and_a_real_port() {
         for bad in [
-            "/callback",
-            "ftp://x/y",
-            "client.example/cb",
+            // the port http::Uri took and the callback sent to port 80
+            "http://127.0.0.1:99999/cb",
+            "http://client.example:0/cb",
+            "http://client.example:8o/cb",
+            "http://client.example:-1/cb",
+            // no host, or one the WHATWG parser would invent from the path
             "http://",
+            "https://",
+            "http:///cb",
+            "http://:80/cb",
+            "http://?x=1",
+            "http:/x",
+            "http:x",
+            "//client.example/cb",
+            "/callback",
+            "client.example/cb",
+            // not http
+            "ftp://x/y",
+            "javascript:alert(1)",
+            "file:///etc/passwd",
+            // what the parser would silently rewrite or refuse
+            "http://exa mple.com/cb",
+            "http://client.example/a b",
+            "http://client.example/\tcb",
+            "http:\\\\client.example\\cb",
+            "http://client.example\\cb",
+            "http://exämple.com/cb",
+            "http://[::1/cb",
+            "http://[fe80::1%25eth0]/cb",
             "not a url",
             "",
+            // credentials in the URL: see `callback_url`
+            "http://user:secret@client.example/cb",
+            "http://user@client.example/cb",
         ] {
-            assert!(!is_absolute_http_url(bad), "{bad}");
+            assert!(callback_url(bad.as_bytes()).is_err(), "{bad} was accepted");
         }
+        assert!(callback_url(b"http://client.example/\xff").is_err());
     }
 }
