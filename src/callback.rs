@@ -11,6 +11,7 @@ use std::time::Duration;
 use awc::http::Method;
 use futures_util::future::join_all;
 use tokio::sync::{Notify, watch};
+use url::{Position, Url};
 
 use crate::metrics::Metrics;
 use crate::model::{CallbackMethod, RequestId, now_ms};
@@ -38,6 +39,36 @@ pub fn response_url(public_url: Option<&str>, id: &RequestId) -> String {
     match public_url {
         Some(base) => format!("{}{path}", base.trim_end_matches('/')),
         None => path,
+    }
+}
+
+/// Where one attempt goes. The `url` crate reads the callback URL; the
+/// fragment is dropped, since a fragment is never sent to a server (left
+/// in, a GET's parameters would land after it and never arrive); the URL's
+/// own query is kept byte for byte (the `url` crate would re-encode some
+/// bytes, such as `'`), and a GET's parameters join it after a `&`.
+struct Target {
+    url: String,
+}
+
+impl Target {
+    fn new(raw: &str, method: CallbackMethod, form: &str) -> Result<Target, url::ParseError> {
+        let parsed = Url::parse(raw)?;
+        // The first `#` ends the URL proper and the first `?` before it
+        // starts the query, for the `url` crate and `http::Uri` alike: a
+        // host or user name cannot hold either unencoded.
+        let before_fragment = raw.split_once('#').map_or(raw, |(b, _)| b);
+        let own_query = before_fragment.split_once('?').map(|(_, q)| q);
+        let mut url = parsed[..Position::AfterPath].to_string();
+        match (own_query, method) {
+            (Some(q), CallbackMethod::Get) if !q.is_empty() => {
+                url.extend(["?", q, "&", form]);
+            }
+            (_, CallbackMethod::Get) => url.extend(["?", form]),
+            (Some(q), CallbackMethod::Post) => url.extend(["?", q]),
+            (None, CallbackMethod::Post) => {}
+        }
+        Ok(Target { url })
     }
 }
 
@@ -115,19 +146,30 @@ impl Callbacks {
             ("response_http_code", outcome.code.to_string()),
         ];
         let form = serde_urlencoded::to_string(params).unwrap_or_default();
+        let target = match Target::new(&cb.url, cb.method, &form) {
+            Ok(t) => t,
+            Err(e) => {
+                // Submission checks the URL, so this is a URL the `url`
+                // crate reads more strictly (a port past 65535): no attempt
+                // can ever succeed, so retrying would only repeat this line.
+                log::warn!("callback for {id} given up: its URL is unusable ({e})");
+                self.metrics.callback_attempt(false);
+                let _ = self.store.callback_finished(due_ms, &id)?;
+                return Ok(());
+            }
+        };
         let sent = match cb.method {
             CallbackMethod::Post => {
                 self.client
-                    .request(Method::POST, cb.url.as_str())
+                    .request(Method::POST, target.url.as_str())
                     .insert_header(("content-type", "application/x-www-form-urlencoded"))
                     .timeout(ATTEMPT_TIMEOUT)
                     .send_body(form)
                     .await
             }
             CallbackMethod::Get => {
-                let sep = if cb.url.contains('?') { '&' } else { '?' };
                 self.client
-                    .request(Method::GET, format!("{}{sep}{form}", cb.url))
+                    .request(Method::GET, target.url.as_str())
                     .timeout(ATTEMPT_TIMEOUT)
                     .send()
                     .await
@@ -155,5 +197,60 @@ impl Callbacks {
             self.store.callback_retry(due_ms, &id, next, attempts)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORM: &str = "response_id=X&response_http_code=200";
+
+    fn url(raw: &str, method: CallbackMethod) -> String {
+        Target::new(raw, method, FORM).unwrap().url
+    }
+
+    #[test]
+    fn get_parameters_join_the_own_query_before_any_fragment() {
+        use CallbackMethod::Get;
+        assert_eq!(url("http://h/cb", Get), format!("http://h/cb?{FORM}"));
+        assert_eq!(
+            url("http://h/cb?own=1#frag", Get),
+            format!("http://h/cb?own=1&{FORM}")
+        );
+        assert_eq!(
+            url("http://h/cb#frag?x=1", Get),
+            format!("http://h/cb?{FORM}"),
+            "a `?` inside the fragment is the fragment's"
+        );
+        assert_eq!(url("http://h/cb?", Get), format!("http://h/cb?{FORM}"));
+        assert_eq!(url("http://h:8080", Get), format!("http://h:8080/?{FORM}"));
+    }
+
+    #[test]
+    fn the_own_query_is_kept_byte_for_byte() {
+        let raw = "https://h/cb?a='x'&b=%2F+%20&c=&d&&";
+        let own = "a='x'&b=%2F+%20&c=&d&&";
+        assert_eq!(
+            url(raw, CallbackMethod::Get),
+            format!("https://h/cb?{own}&{FORM}")
+        );
+        assert_eq!(
+            url(raw, CallbackMethod::Post),
+            format!("https://h/cb?{own}")
+        );
+    }
+
+    #[test]
+    fn post_urls_lose_only_their_fragment() {
+        use CallbackMethod::Post;
+        assert_eq!(url("http://h/cb?own=1#frag", Post), "http://h/cb?own=1");
+        assert_eq!(url("http://h/cb#frag", Post), "http://h/cb");
+        assert_eq!(url("http://h/cb?", Post), "http://h/cb?");
+    }
+
+    #[test]
+    fn urls_the_url_crate_refuses_are_errors() {
+        assert!(Target::new("http://h:99999/cb", CallbackMethod::Post, FORM).is_err());
     }
 }
