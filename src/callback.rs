@@ -4,6 +4,11 @@
 //! (1 s doubling, capped at 10 min) until the request's retention ends.
 //! Delivery is at least once: a crash between a 2xx and its removal sends
 //! it again.
+//!
+//! The client's connector refuses addresses in `--callback-deny` (SPEC §9);
+//! such a refusal is one more failed attempt, logged by id and counted on
+//! its own. Callback URLs' query strings may carry the receiver's secrets,
+//! so no log line here holds one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +20,7 @@ use url::{Position, Url};
 
 use crate::metrics::Metrics;
 use crate::model::{CallbackMethod, RequestId, now_ms};
+use crate::net;
 use crate::scheduler::pacing::doubling;
 use crate::store::{Store, StoreError};
 
@@ -49,6 +55,10 @@ pub fn response_url(public_url: Option<&str>, id: &RequestId) -> String {
 /// bytes, such as `'`), and a GET's parameters join it after a `&`.
 struct Target {
     url: String,
+    /// For logs: the host, never the query (SPEC §9).
+    host: String,
+    /// The raw query and fragment, cut out of any error text we log.
+    secrets: Vec<String>,
 }
 
 impl Target {
@@ -57,7 +67,10 @@ impl Target {
         // The first `#` ends the URL proper and the first `?` before it
         // starts the query, for the `url` crate and `http::Uri` alike: a
         // host or user name cannot hold either unencoded.
-        let before_fragment = raw.split_once('#').map_or(raw, |(b, _)| b);
+        let (before_fragment, fragment) = match raw.split_once('#') {
+            Some((b, f)) => (b, Some(f)),
+            None => (raw, None),
+        };
         let own_query = before_fragment.split_once('?').map(|(_, q)| q);
         let mut url = parsed[..Position::AfterPath].to_string();
         match (own_query, method) {
@@ -68,7 +81,27 @@ impl Target {
             (Some(q), CallbackMethod::Post) => url.extend(["?", q]),
             (None, CallbackMethod::Post) => {}
         }
-        Ok(Target { url })
+        Ok(Target {
+            url,
+            host: parsed.host_str().unwrap_or_default().to_string(),
+            secrets: own_query
+                .into_iter()
+                .chain(fragment)
+                .chain(parsed.query())
+                .chain(parsed.fragment())
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+
+    /// `text` without the URL's query or fragment. No error type promises
+    /// to leave the URL out of its message, and the query may carry the
+    /// receiver's secrets.
+    fn scrub(&self, text: &str) -> String {
+        self.secrets
+            .iter()
+            .fold(text.to_string(), |t, s| t.replace(s.as_str(), "[redacted]"))
     }
 }
 
@@ -176,9 +209,25 @@ impl Callbacks {
             }
         };
         let ok = match sent {
-            Ok(res) => res.status().is_success(),
+            Ok(res) if res.status().is_success() => true,
+            Ok(res) => {
+                log::info!("callback for {id} answered {}", res.status().as_u16());
+                false
+            }
+            Err(e) if net::is_refused_address(&e) => {
+                log::warn!(
+                    "callback for {id} refused: no address of {} may be connected to \
+                     (--callback-deny)",
+                    target.host
+                );
+                self.metrics.callback_refused();
+                false
+            }
             Err(e) => {
-                log::info!("callback for {id} not delivered: {e}");
+                log::info!(
+                    "callback for {id} not delivered: {}",
+                    target.scrub(&e.to_string())
+                );
                 false
             }
         };
@@ -252,5 +301,19 @@ mod tests {
     #[test]
     fn urls_the_url_crate_refuses_are_errors() {
         assert!(Target::new("http://h:99999/cb", CallbackMethod::Post, FORM).is_err());
+    }
+
+    #[test]
+    fn error_text_loses_the_query_and_fragment() {
+        let t = Target::new(
+            "http://h.example/cb?token=s3cret#frag-s3cret",
+            CallbackMethod::Get,
+            FORM,
+        )
+        .unwrap();
+        assert_eq!(t.host, "h.example");
+        let text = t.scrub("could not send to http://h.example/cb?token=s3cret#frag-s3cret");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("h.example"), "{text}");
     }
 }
