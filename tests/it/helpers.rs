@@ -411,6 +411,30 @@ impl TestApp {
         }
     }
 
+    /// The value of an unlabelled counter or gauge in `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<u64> {
+        let text = String::from_utf8(self.call("GET", "/metrics", &[], b"").await.body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Polls `/metrics` until `name` is at least `n`; fails with the last
+    /// value seen.
+    pub async fn wait_for_metric(&self, name: &str, n: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.metric(name).await;
+            if v.is_some_and(|v| v >= n) {
+                return v.unwrap_or_default();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never reached {n}; last value {v:?}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.unwrap();
