@@ -140,6 +140,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         metrics,
         max_body_size: args.max_body_size,
         max_pending_per_credential: args.max_pending_per_credential,
+        min_free_disk: args.min_free_disk,
         public_url: args.public_url.clone(),
         admin_token: args.admin_token.clone(),
     });
@@ -196,10 +197,21 @@ impl Running {
 /// answers but runs nothing is worse than a restart, and recovery on the
 /// next start is correct (crash-only).
 pub async fn run_until_signal(mut running: Running) -> Result<(), AppError> {
+    let fatal = running.store.fatal().clone();
     tokio::select! {
         _ = wait_for_signal() => {
             log::info!("signal received: stopping");
             running.stop().await
+        }
+        why = fatal.wait() => {
+            log::error!("stopping: the store cannot make writes durable ({why}); a restart recovers");
+            // Writers waiting on the failed flush get their 503s first.
+            let _ = running.stop.send(true);
+            running.server.stop(true).await;
+            let _ = running.callbacks.await;
+            running.sweeper.stop();
+            let _ = running.store.close();
+            Err(AppError::Engine(format!("store failure: {why}")))
         }
         ended = &mut running.dispatcher => {
             let why = match ended {

@@ -120,6 +120,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Free space the data dir's file system keeps in reserve: below it,
+    /// submissions get 507 (status, responses and execution go on).
+    #[arg(long, env = "ASYNCGATE_MIN_FREE_DISK", default_value = "256MiB", value_parser = parse_size)]
+    pub min_free_disk: u64,
+
     /// Most `enqueued` requests per credential; a submission past it gets
     /// 429 with `Retry-After: 1` [default: unlimited].
     #[arg(long, env = "ASYNCGATE_MAX_PENDING_PER_CREDENTIAL")]

@@ -33,10 +33,23 @@ pub enum ApiError {
         "this credential already has {0} requests waiting (--max-pending-per-credential); retry later"
     )]
     TooManyPending(u64),
+    #[error("the gateway is short of disk space; nothing was stored, retry later")]
+    InsufficientStorage,
     #[error("storage unavailable")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("internal error")]
     Crypto(#[from] CryptoError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NoSpace => ApiError::InsufficientStorage,
+            StoreError::LaneFull(cap) => ApiError::TooManyPending(cap),
+            StoreError::TooLarge(n) => ApiError::HeadersTooLarge(n),
+            other => ApiError::Store(other),
+        }
+    }
 }
 
 impl ApiError {
@@ -59,6 +72,7 @@ impl ApiError {
             ApiError::ResponseTooLarge => "response_too_large",
             ApiError::BodyUnreadable(_) => "body_unreadable",
             ApiError::TooManyPending(_) => "too_many_pending",
+            ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_)) => "internal_error",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Crypto(_) => "internal_error",
@@ -78,6 +92,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             ApiError::TooManyPending(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_))
             | ApiError::Crypto(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -25,6 +25,8 @@ pub struct State {
     pub dispatch: dispatcher::Handle,
     pub metrics: Arc<Metrics>,
     pub max_body_size: u64,
+    /// `--min-free-disk`: submissions get 507 below it.
+    pub min_free_disk: u64,
     /// `--max-pending-per-credential`.
     pub max_pending_per_credential: Option<u64>,
     /// Makes `response_url` absolute when set.

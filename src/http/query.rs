@@ -106,7 +106,9 @@ pub async fn response(req: HttpRequest, state: web::Data<State>) -> Result<HttpR
 }
 
 pub async fn healthz(state: web::Data<State>) -> HttpResponse {
-    if state.dispatch.is_alive() {
+    if let Some(why) = state.store.fatal().failed() {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "store failed", "reason": why}))
+    } else if state.dispatch.is_alive() {
         HttpResponse::Ok().json(json!({"status": "ok"}))
     } else {
         HttpResponse::ServiceUnavailable().json(json!({"status": "dispatcher stopped"}))

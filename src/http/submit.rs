@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{ApiError, State, single_header};
 use crate::crypto::{CryptoError, credential_hash};
 use crate::model::{Callback, CallbackMethod, RequestId, end_to_end, format_time, now_ms};
-use crate::store::{self, NewRequest};
+use crate::store::NewRequest;
 
 /// Request headers that are not forwarded besides the hop-by-hop ones:
 /// the upstream gets its own `Host` and `Content-Length`, the callback
@@ -23,6 +23,24 @@ const NOT_FORWARDED: [&str; 6] = [
     "x-callback-method",
     "expect",
 ];
+
+/// The most bytes of path, query and headers a submission may have (SPEC
+/// §1: at least 8 KiB, so a long JWT fits). Everything stored for a
+/// request in sled must stay under `store::MAX_VALUE`; this leaves room
+/// for the record's own fields.
+pub const HEAD_CAP: usize = 10 * 1024;
+
+/// A submission's head as it counts against `HEAD_CAP`: path, query, and
+/// every header with 16 bytes each for its encoding (bincode's lengths).
+fn head_size(req: &HttpRequest) -> usize {
+    req.path().len()
+        + req.uri().query().map_or(0, str::len)
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 16)
+            .sum::<usize>()
+}
 
 pub async fn submit(
     req: HttpRequest,
@@ -42,7 +60,14 @@ pub async fn submit(
             "send at most one Authorization header",
         )
     })?;
+    if head_size(&req) > HEAD_CAP {
+        return Err(ApiError::HeadersTooLarge(HEAD_CAP));
+    }
     let callback = callback(&req)?;
+    // The disk's reserve keeps status, responses and the engine working.
+    if state.store.free_space()? < state.min_free_disk {
+        return Err(ApiError::InsufficientStorage);
+    }
     let lane = credential_hash(state.store.salt(), credential);
     // A full queue is refused before the body is read (and checked again,
     // exactly, where the request is stored).
@@ -63,9 +88,6 @@ pub async fn submit(
             .map(|(n, v)| (n.as_str(), v.as_bytes())),
         &NOT_FORWARDED,
     );
-    if store::record_extras(&target, &headers, callback.as_ref()) > store::MAX_RECORD_EXTRAS {
-        return Err(ApiError::HeadersTooLarge(store::MAX_RECORD_EXTRAS));
-    }
     // Without randomness no unguessable id can be made: refuse the
     // submission (500, logged) rather than store one that could be guessed.
     let id = RequestId::try_generate().map_err(|_| ApiError::Crypto(CryptoError::Random))?;
@@ -84,11 +106,7 @@ pub async fn submit(
             now_ms: now_ms(),
             max_pending: state.max_pending_per_credential,
         })
-        .await
-        .map_err(|e| match e {
-            store::StoreError::LaneFull(cap) => ApiError::TooManyPending(cap),
-            other => ApiError::Store(other),
-        })?;
+        .await?;
     // Durable before visible: no 202 until the request is fsync'd.
     state.store.durable(ticket).await?;
     state.dispatch.queued(lane);
@@ -172,7 +190,20 @@ fn callback_url(raw: &[u8]) -> Result<String, &'static str> {
     }
     // Never sent on the wire (RFC 9110 §4.2.5), so not kept.
     url.set_fragment(None);
-    Ok(url.into())
+    // Scheme, host, port and path as the parser reads them (what the
+    // callback guard resolves); the query byte for byte as sent, since a
+    // receiver may check it (the parser would re-encode `'`, for one).
+    let raw_query = text
+        .split('#')
+        .next()
+        .and_then(|t| t.split_once('?'))
+        .map(|(_, q)| q);
+    let mut stored = url[..url::Position::AfterPath].to_string();
+    if let Some(q) = raw_query {
+        stored.push('?');
+        stored.push_str(q);
+    }
+    Ok(stored)
 }
 
 /// Reads the whole body, refusing it as soon as it passes `max`.
@@ -216,6 +247,7 @@ mod tests {
             "http://127.0.0.1:9/cb",
             "http://[::1]:8080/cb",
             "http://client.example/cb?a=1&b=%2F&c",
+            "http://client.example/cb?tok=a%2Fb+c'd&e=",
         ] {
             assert_eq!(ok(same), same);
         }

@@ -5,12 +5,14 @@
 //! segment files (`<data-dir>/bodies/<segment>.dat`); sled keeps a small
 //! `BodyRef` to them.
 //!
-//! Durability rides on the group commit: a body is appended before the
-//! sled write that references it, and every flush round fsyncs the
-//! segments written since the last round (and the directory, after a new
-//! segment) before flushing sled. A crash can leave unreferenced bytes
+//! Bytes are durable before any record naming them can be: the store
+//! appends a batch's bodies, `sync`s them (the segments written since the
+//! last sync, and the directory after a new segment), and only then writes
+//! the sled records that reference them. sled's log may reach the disk at
+//! any moment (its own flusher, the kernel's writeback), so ordering the
+//! flush rounds alone would not do. A crash can leave unreferenced bytes
 //! behind (appended, never committed); whole segments are deleted once no
-//! record references them.
+//! record references them, and only after that is durable.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -26,9 +28,12 @@ pub struct Bodies {
     dir: PathBuf,
     writer: Mutex<Writer>,
     /// Held (shared) from an append until the sled write referencing it
-    /// commits, and (exclusive) while deleting unused segments: a body
+    /// commits, and (exclusive) while finding unused segments: a body
     /// appended but not yet referenced is never taken for garbage.
     commit_gate: RwLock<()>,
+    /// One sync at a time: a caller whose appends another caller's sync
+    /// took must not return before that sync has finished.
+    syncing: Mutex<()>,
 }
 
 struct Writer {
@@ -64,7 +69,7 @@ impl Bodies {
     /// Opens `dir`, always starting a fresh segment: a segment a crash may
     /// have cut short is never appended to again.
     pub fn open(dir: &Path) -> std::io::Result<Bodies> {
-        fs::create_dir_all(dir)?;
+        create_dir_durably(dir)?;
         let segment = segments(dir)?.into_iter().max().map_or(0, |n| n + 1);
         let file = new_segment(dir, segment)?;
         Ok(Bodies {
@@ -78,6 +83,7 @@ impl Bodies {
                 written: false,
             }),
             commit_gate: RwLock::new(()),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -123,8 +129,12 @@ impl Bodies {
         Ok(buf)
     }
 
-    /// fsyncs what was written since the last call (the flusher's job).
+    /// fsyncs everything appended before this call. A failure is final
+    /// for the caller (the store treats it as fatal): the files it took
+    /// are not given back, as after a failed fsync the kernel may have
+    /// dropped their dirty pages anyway.
     pub fn sync(&self) -> std::io::Result<()> {
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let (files, dir_changed) = {
             let mut w = self.lock();
             let mut files = std::mem::take(&mut w.unsynced);
@@ -143,20 +153,47 @@ impl Bodies {
         Ok(())
     }
 
-    /// Deletes every segment but the current one that `in_use` says no
-    /// record references.
-    pub fn delete_unused(&self, in_use: impl Fn(u64) -> bool) -> std::io::Result<usize> {
+    /// Segments but the current one that `in_use` says no record
+    /// references. Delete them (`remove`) only once those records' last
+    /// changes are durable.
+    pub fn unused(&self, in_use: impl Fn(u64) -> bool) -> std::io::Result<Vec<u64>> {
         let _no_commits = self.commit_gate.write().unwrap_or_else(|p| p.into_inner());
         let current = self.lock().segment;
-        let mut deleted = 0;
-        for s in segments(&self.dir)? {
-            if s != current && !in_use(s) {
-                fs::remove_file(segment_path(&self.dir, s))?;
-                deleted += 1;
+        Ok(segments(&self.dir)?
+            .into_iter()
+            .filter(|&s| s != current && !in_use(s))
+            .collect())
+    }
+
+    /// Deletes segments `unused` named. A segment never gains references
+    /// once it is not the current one, so they are still unused.
+    pub fn remove(&self, unused: &[u64]) -> std::io::Result<usize> {
+        for &s in unused {
+            match fs::remove_file(segment_path(&self.dir, s)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
         }
-        Ok(deleted)
+        Ok(unused.len())
     }
+}
+
+/// Creates `dir` (and missing parents) and makes each new entry durable by
+/// fsyncing the directory that holds it: a power cut must not lose a
+/// directory whose files were acknowledged.
+pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        at = d.parent();
+    }
+    fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
+        File::open(parent.unwrap_or(Path::new(".")))?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn new_segment(dir: &Path, segment: u64) -> std::io::Result<File> {
@@ -191,7 +228,9 @@ mod tests {
             "never appends to an old segment"
         );
         assert_eq!(b.read(&small).unwrap(), b"hello");
-        assert_eq!(b.delete_unused(|s| s == r.segment).unwrap(), 1);
+        let unused = b.unused(|s| s == r.segment).unwrap();
+        assert_eq!(unused, [small.segment]);
+        assert_eq!(b.remove(&unused).unwrap(), 1);
         assert!(b.read(&small).is_err());
         assert_eq!(b.read(&r).unwrap().len(), big.len());
     }

@@ -5,6 +5,11 @@
 //!
 //! sled's `flush()` ends in `sync_file_range`, which survives a process
 //! crash but not a power cut, so each round also `fsync`s the log file.
+//!
+//! A failed round is final (the lesson of PostgreSQL's "fsyncgate": after a
+//! failed fsync the kernel may drop the dirty pages and report success the
+//! next time). The flusher stops, every writer waiting now or later gets
+//! `NotDurable`, and the store's `fatal` signal tells the app to exit.
 
 use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,6 +19,7 @@ use tokio::sync::watch;
 
 use super::StoreError;
 use super::bodies::Bodies;
+use super::fatal::Fatal;
 
 /// A flush round a writer waits for.
 #[derive(Clone, Copy, Debug)]
@@ -44,7 +50,12 @@ pub struct Flusher {
 
 impl Flusher {
     /// Starts the flusher thread for `db`, whose log file is `log`.
-    pub fn start(db: sled::Db, log: File, bodies: Arc<Bodies>) -> (Arc<Flusher>, JoinHandle<()>) {
+    pub fn start(
+        db: sled::Db,
+        log: File,
+        bodies: Arc<Bodies>,
+        fatal: Fatal,
+    ) -> (Arc<Flusher>, JoinHandle<()>) {
         let (finished, _) = watch::channel(Finished { round: 0, ok: true });
         let flusher = Arc::new(Flusher {
             rounds: Mutex::new(Rounds::default()),
@@ -54,12 +65,12 @@ impl Flusher {
         let worker = Arc::clone(&flusher);
         let handle = std::thread::Builder::new()
             .name("asyncgate-flusher".into())
-            .spawn(move || worker.run(&db, &log, &bodies))
+            .spawn(move || worker.run(&db, &log, &bodies, &fatal))
             .expect("spawning the flusher thread");
         (flusher, handle)
     }
 
-    fn run(&self, db: &sled::Db, log: &File, bodies: &Bodies) {
+    fn run(&self, db: &sled::Db, log: &File, bodies: &Bodies, fatal: &Fatal) {
         loop {
             let round = {
                 let mut r = self.lock();
@@ -72,19 +83,23 @@ impl Flusher {
                 r.began += 1;
                 r.began
             };
-            // Bodies first: a record on disk must find its body there.
-            let synced = bodies.sync().map_err(sled::Error::from);
-            let ok = match synced
+            // Bodies are made durable before the records naming them are
+            // written (see `bodies`); this covers any other appends.
+            let flushed = bodies
+                .sync()
+                .map_err(sled::Error::from)
                 .and_then(|_| db.flush())
-                .and_then(|_| Ok(log.sync_data()?))
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    log::error!("flush to disk failed: {e}");
-                    false
-                }
-            };
-            self.finished.send_replace(Finished { round, ok });
+                .and_then(|_| Ok(log.sync_data()?));
+            if let Err(e) = flushed {
+                fatal.fail(format!("flushing the store to disk failed: {e}"));
+                // Every round from this one on has failed, for good.
+                self.finished.send_replace(Finished {
+                    round: u64::MAX,
+                    ok: false,
+                });
+                return;
+            }
+            self.finished.send_replace(Finished { round, ok: true });
         }
     }
 

@@ -21,6 +21,7 @@
 mod bodies;
 mod codec;
 mod combine;
+mod fatal;
 mod flusher;
 mod keys;
 mod lanes;
@@ -34,10 +35,11 @@ use std::thread::JoinHandle;
 
 use sled::IVec;
 
+pub use fatal::Fatal;
 pub use flusher::Ticket;
 pub use lanes::Claim;
 pub use settle::Settle;
-pub use tx::{Completion, MAX_RECORD_EXTRAS, NewRequest, Recovered, record_extras};
+pub use tx::{Completion, NewRequest, Recovered};
 
 use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 use bodies::Bodies;
@@ -63,7 +65,22 @@ pub enum StoreError {
     Transition(String),
     #[error("the credential's queue holds {0} requests already")]
     LaneFull(u64),
+    #[error("no space left for the body")]
+    NoSpace,
+    #[error("a stored value would be {0} bytes, over the {MAX_VALUE}-byte limit")]
+    TooLarge(usize),
 }
+
+/// The largest value kept in sled. sled writes a node whose encoding passes
+/// a quarter segment (256 KiB with our 1 MiB segments) as a blob file it
+/// never fsyncs, and a leaf holds up to 17 values: 17 × 12 KiB stays
+/// under that, so every value is power-cut safe. Bodies and responses have
+/// no such limit: they live in segment files.
+pub const MAX_VALUE: usize = 12 * 1024;
+
+/// sled's log segment size (its default is 512 KiB): sets the blob
+/// threshold `MAX_VALUE` is measured against.
+const SEGMENT_SIZE: usize = 1 << 20;
 
 pub struct StoreConfig {
     pub path: PathBuf,
@@ -97,14 +114,19 @@ pub struct Store {
     flusher_thread: Mutex<Option<JoinHandle<()>>>,
     /// Per data dir: credentials hash differently in every installation.
     salt: [u8; 32],
+    /// Set once a write could not be made durable: nothing more is.
+    fatal: Fatal,
+    /// The data dir (its file system's free space is watched).
+    path: PathBuf,
 }
 
 impl Store {
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&config.path)?;
+        bodies::create_dir_durably(&config.path)?;
         let db = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity)
+            .segment_size(SEGMENT_SIZE)
             .open()
             .map_err(|e| classify_open_error(e, &config.path))?;
         let trees = TREES
@@ -117,7 +139,10 @@ impl Store {
             .write(true)
             .open(config.path.join("db"))?;
         let bodies = Arc::new(Bodies::open(&config.path.join("bodies"))?);
-        let (flusher, thread) = Flusher::start(db.clone(), log, bodies.clone());
+        // sled's own files (`conf`, `db`, `blobs/`) are new entries too.
+        std::fs::File::open(&config.path)?.sync_all()?;
+        let fatal = Fatal::default();
+        let (flusher, thread) = Flusher::start(db.clone(), log, bodies.clone(), fatal.clone());
         let store = Store {
             db,
             trees,
@@ -127,6 +152,8 @@ impl Store {
             settler: Default::default(),
             flusher_thread: Mutex::new(Some(thread)),
             salt,
+            fatal,
+            path: config.path.clone(),
         };
         // The salt (and anything else written on open) is durable at once.
         store.flusher.wait_blocking(store.flusher.ticket())?;
@@ -135,6 +162,35 @@ impl Store {
 
     pub fn salt(&self) -> &[u8; 32] {
         &self.salt
+    }
+
+    /// Bytes free for an unprivileged writer on the data dir's file system.
+    pub fn free_space(&self) -> Result<u64, StoreError> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        // SAFETY: `path` is a valid C string and `stat` a plain struct that
+        // statvfs fills in; nothing is kept past the call.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return Err(StoreError::Io(std::io::Error::last_os_error()));
+        }
+        Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+
+    /// The failure switch: the app stops the process once it is set.
+    pub fn fatal(&self) -> &Fatal {
+        &self.fatal
+    }
+
+    /// Makes every body appended so far durable: call before writing a
+    /// record that names one. A failure is fatal.
+    pub(super) fn sync_bodies(&self) -> Result<(), StoreError> {
+        self.bodies.sync().map_err(|e| {
+            self.fatal
+                .fail(format!("fsync of the body files failed: {e}"));
+            StoreError::NotDurable
+        })
     }
 
     fn tree(&self, i: usize) -> &sled::Tree {
@@ -234,12 +290,20 @@ impl Store {
         }
     }
 
-    /// Deletes body segments no request references any more.
+    /// Deletes body segments no request references any more, once the
+    /// changes that dropped the references are durable: a power cut must
+    /// never bring back a record pointing at a deleted file. Blocks (the
+    /// sweeper's thread).
     pub fn delete_unused_bodies(&self) -> Result<usize, StoreError> {
         let refs = self.tree(tx::BODY_REFS);
-        Ok(self
+        let unused = self
             .bodies
-            .delete_unused(|segment| refs.scan_prefix(segment.to_be_bytes()).next().is_some())?)
+            .unused(|segment| refs.scan_prefix(segment.to_be_bytes()).next().is_some())?;
+        if unused.is_empty() {
+            return Ok(0);
+        }
+        self.flusher.wait_blocking(self.flusher.ticket())?;
+        Ok(self.bodies.remove(&unused)?)
     }
 
     /// Lanes with queued requests: one seek per lane, not a scan of queues.

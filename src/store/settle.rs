@@ -114,6 +114,10 @@ impl Store {
                 _ => None,
             });
         }
+        if prepared.iter().any(Option::is_some) {
+            // Bytes before records (see `bodies`).
+            self.sync_bodies()?;
+        }
         self.transact(|tx| {
             ops.iter()
                 .zip(&prepared)

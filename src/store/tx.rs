@@ -132,24 +132,6 @@ impl Tx<'_> {
     }
 }
 
-/// The most bytes of target, headers and callback URL a request record may
-/// carry. sled writes a leaf (up to 16 records) whose encoding passes
-/// about a quarter segment (~128 KiB) as a blob file it never fsyncs:
-/// 16 × 7 KiB stays under that, so every record is power-cut safe. Bodies
-/// and responses have no such limit: they live in segment files.
-pub const MAX_RECORD_EXTRAS: usize = 7 * 1024;
-
-/// The variable-sized part of a record, measured against
-/// `MAX_RECORD_EXTRAS` (callers check before `submit`).
-pub fn record_extras(target: &str, headers: &[Header], callback: Option<&Callback>) -> usize {
-    target.len()
-        + headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len())
-            .sum::<usize>()
-        + callback.map_or(0, |c| c.url.len())
-}
-
 /// What the HTTP layer hands over for a new request.
 pub struct NewRequest {
     pub id: RequestId,
@@ -190,13 +172,33 @@ impl Store {
         Ok(Some(self.bodies.append(bytes)?))
     }
 
+    /// Runs `f` as one transaction. After a fatal failure nothing is
+    /// written; a storage error inside sled (a failed write poisons it) is
+    /// itself fatal.
     pub(super) fn transact<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, StoreError> {
+        if let Some(why) = self.fatal.failed() {
+            return Err(StoreError::Unavailable(why));
+        }
         self.trees[..]
             .transaction(|trees| f(&Tx(trees)))
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Storage(e) => {
+                    self.fatal.fail(format!("a write inside sled failed: {e}"));
+                    StoreError::Sled(e)
+                }
             })
+    }
+
+    /// Appends a body, refusing it (`NoSpace`) when the disk is full: only
+    /// that submission fails.
+    fn append_checked(&self, bytes: &[u8]) -> Result<Option<BodyRef>, StoreError> {
+        self.append_body(bytes).map_err(|e| match e {
+            StoreError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                StoreError::NoSpace
+            }
+            other => other,
+        })
     }
 
     /// Stores a new request at the tail of its lane; `LaneFull` if its
@@ -240,7 +242,7 @@ impl Store {
                 method: new.method,
                 target: new.target,
                 headers: new.headers,
-                body: self.append_body(&new.body)?,
+                body: self.append_checked(&new.body)?,
                 callback: new.callback,
                 created_ms: new.now_ms,
                 status: Status::Enqueued,
@@ -252,6 +254,17 @@ impl Store {
             }));
             extra.push((new.sealed_credential, new.max_pending));
         }
+        for (r, (sealed, _)) in recs.iter().zip(&extra) {
+            if let Some(r) = r {
+                let size = codec::encode(r)?.len().max(sealed.len());
+                if size > super::MAX_VALUE {
+                    return Err(StoreError::TooLarge(size));
+                }
+            }
+        }
+        // Bytes before records: no record may reach the disk (sled's log
+        // can, at any moment) before the body it names.
+        self.sync_bodies()?;
         let stored = self.transact(|tx| {
             let mut stored = Vec::with_capacity(recs.len());
             for (r, (sealed, cap)) in recs.iter().zip(&extra) {

@@ -6,6 +6,7 @@ mod admin;
 mod callback;
 mod callback_guard;
 mod crash;
+mod disk;
 mod execute;
 mod failures;
 mod helpers;

@@ -147,7 +147,7 @@ async fn bad_submissions_get_a_json_4xx_and_nothing_is_stored_or_sent() {
     let up = Fake::start().await;
     let app = TestApp::start(&up.url(), &["--max-body-size", "1KiB"]).await;
     type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
-    let big_header = "h".repeat(8 * 1024);
+    let big_header = "h".repeat(10 * 1024);
     let cases: Vec<Case> = vec![
         (
             vec![("X-Callback-Location", "/relative")],
