@@ -129,6 +129,9 @@ pub async fn run(
             break;
         }
         ctx.metrics.set_lanes(sched.lanes());
+        if sched.take_shrunk() {
+            release_freed_memory();
+        }
         let sleep_until = give_up_at.or(match (wake_at, sched.housekeeping_at()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -159,6 +162,18 @@ pub async fn run(
     }
     log::info!("dispatcher stopped");
     Ok(())
+}
+
+/// After a flood of credentials has drained, glibc keeps the freed pages
+/// of the scheduler's tables in its arenas: give them back to the system,
+/// so that memory follows what is active (SPEC §9).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it has no
+    // preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn sleep_opt(until: Option<Instant>) {

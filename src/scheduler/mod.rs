@@ -168,6 +168,9 @@ pub struct Scheduler {
     /// is bounded by what is active, not by every credential ever seen).
     /// Checked again when due: a lane that got busy meanwhile stays.
     reap: BinaryHeap<Reverse<(Instant, LaneKey)>>,
+    /// The tables were shrunk since `take_shrunk` last asked: the caller
+    /// may hand freed memory back to the system.
+    shrunk: bool,
 }
 
 impl Scheduler {
@@ -178,7 +181,13 @@ impl Scheduler {
             ring: VecDeque::new(),
             in_flight: 0,
             reap: BinaryHeap::new(),
+            shrunk: false,
         }
+    }
+
+    /// Whether the tables shrank since the last call.
+    pub fn take_shrunk(&mut self) -> bool {
+        std::mem::take(&mut self.shrunk)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -234,6 +243,7 @@ impl Scheduler {
             self.lanes.shrink_to(self.lanes.len() * 2);
             self.ring.shrink_to(self.ring.len() * 2);
             self.reap.shrink_to(self.reap.len() * 2);
+            self.shrunk = true;
         }
     }
 
