@@ -6,13 +6,16 @@
 //!   `AddressPolicy` refuses, and connects only to the addresses it
 //!   checked, so a DNS answer that changes between check and connect
 //!   (rebinding) cannot bypass the check.
-//! - **Whether an answer was cut short** (SPEC §5). awc 3 ends a response
-//!   body quietly when the connection closes early (its payload stream
-//!   maps end of file to the end of the body), so a chunked answer cut
-//!   between chunks looks complete. Every connection is `Watched`: a read
-//!   that finds end of file is reported to the `EofWatch` of the task
-//!   polling it, and `upstream` knows that a body framed by length or
-//!   chunking never needs end of file to end.
+//! - **What an attempt did on the wire** (SPEC §5). Every connection is
+//!   `Watched` and reports to the `AttemptWatch` of the task polling it:
+//!   - whether request bytes may have been written: any write on a plain
+//!     connection, any after the first (the ClientHello) on a TLS one; an
+//!     attempt that timed out before that sent nothing;
+//!   - whether a read found end of file while the answer's body was read:
+//!     awc 3 ends a body quietly when the connection closes early, so a
+//!     chunked answer cut between chunks looks complete, and `upstream`
+//!     knows that a body framed by length or chunking never needs end of
+//!     file to end.
 
 use std::cell::Cell;
 use std::io;
@@ -187,7 +190,8 @@ impl Service<ConnectInfo<Uri>> for Connector {
                 match TcpStream::connect(addr).await {
                     Ok(io) => {
                         let _ = io.set_nodelay(true);
-                        return Ok(Connection::new(uri, Watched { io }));
+                        let tls = uri.scheme_str() == Some("https");
+                        return Ok(Connection::new(uri, Watched { io, tls, writes: 0 }));
                     }
                     Err(e) => last = Some(e),
                 }
@@ -201,18 +205,28 @@ impl Service<ConnectInfo<Uri>> for Connector {
 
 thread_local! {
     /// The watch of the task polling a connection right now (see
-    /// `EofWatch::poll`). awc's client is `!Send`: a connection is only
-    /// ever polled on the thread that made it.
-    static CURRENT: Cell<Option<Rc<Cell<bool>>>> = const { Cell::new(None) };
+    /// `AttemptWatch::poll`). awc's client is `!Send`: a connection is
+    /// only ever polled on the thread that made it.
+    static CURRENT: Cell<Option<Rc<Seen>>> = const { Cell::new(None) };
 }
 
-/// Notes whether a read found end of file while this watch was polling.
-#[derive(Clone, Default)]
-pub struct EofWatch(Rc<Cell<bool>>);
+#[derive(Default)]
+struct Seen {
+    /// Request bytes may have been written.
+    wrote: Cell<bool>,
+    /// The body is being read: from now on end of file means a cut.
+    reading_body: Cell<bool>,
+    /// A read found end of file while the body was read.
+    eof: Cell<bool>,
+}
 
-impl EofWatch {
-    /// Runs `poll` with this watch current, so a connection read inside it
-    /// that finds end of file is noted here.
+/// What one attempt's connection did, as seen from the task driving it.
+#[derive(Clone, Default)]
+pub struct AttemptWatch(Rc<Seen>);
+
+impl AttemptWatch {
+    /// Runs `poll` with this watch current, so connection reads and writes
+    /// inside it are noted here.
     pub fn poll<T>(&self, poll: impl FnOnce() -> T) -> T {
         let outer = CURRENT.with(|c| c.replace(Some(self.0.clone())));
         let out = poll();
@@ -220,15 +234,49 @@ impl EofWatch {
         out
     }
 
+    /// The answer's body is read from now on.
+    pub fn reading_body(&self) {
+        self.0.reading_body.set(true);
+    }
+
+    pub fn wrote_request(&self) -> bool {
+        self.0.wrote.get()
+    }
+
     pub fn saw_eof(&self) -> bool {
-        self.0.get()
+        self.0.eof.get()
     }
 }
 
-/// A TCP stream that reports end of file to the current `EofWatch`.
+fn with_current(f: impl FnOnce(&Seen)) {
+    CURRENT.with(|c| {
+        if let Some(seen) = c.take() {
+            f(&seen);
+            c.set(Some(seen));
+        }
+    });
+}
+
+/// A TCP stream that reports to the current `AttemptWatch`.
 #[derive(Debug)]
 pub struct Watched {
     io: TcpStream,
+    /// TLS runs over it: its first write is the ClientHello.
+    tls: bool,
+    /// Writes that moved bytes so far.
+    writes: u64,
+}
+
+impl Watched {
+    fn wrote(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.writes += 1;
+        if !self.tls || self.writes > 1 {
+            with_current(|seen| seen.wrote.set(true));
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -243,10 +291,9 @@ impl AsyncRead for Watched {
             && buf.filled().len() == before
             && buf.remaining() > 0
         {
-            CURRENT.with(|c| {
-                if let Some(watch) = c.take() {
-                    watch.set(true);
-                    c.set(Some(watch));
+            with_current(|seen| {
+                if seen.reading_body.get() {
+                    seen.eof.set(true);
                 }
             });
         }
@@ -260,7 +307,11 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.wrote(n);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -268,7 +319,11 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.wrote(n);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

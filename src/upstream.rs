@@ -19,7 +19,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::model::{Header, RequestRecord, ResponseHead, end_to_end, now_ms};
-use crate::net::EofWatch;
+use crate::net::AttemptWatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -75,7 +75,9 @@ pub fn normalize_base(base: &str) -> Result<String, UpstreamError> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(bad("must not carry a user name or password"));
     }
-    Ok(base.trim_end_matches('/').to_string())
+    // The parser's form: what it accepted is what every request is built
+    // from (`http://h/a b` becomes `http://h/a%20b`).
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 pub struct Upstream {
@@ -150,15 +152,25 @@ impl Upstream {
         }
         let sent_ms = now_ms();
         let started = Instant::now();
+        let watch = AttemptWatch::default();
         let exchange = async {
-            let mut res = req.send_body(body).await.map_err(classify)?;
+            let mut res = req.send_body(body).await.map_err(|e| {
+                // No request byte reached the kernel (a refused connect,
+                // a pooled connection found closed on the first write):
+                // nothing can have been sent, whatever awc calls it.
+                if watch.wrote_request() {
+                    classify(e)
+                } else {
+                    Attempt::NotSent(format!("nothing written: {e}"))
+                }
+            })?;
             let code = res.status().as_u16();
             let framed = framed_by_length_or_chunks(res.headers());
             let headers = stored_headers(res.headers());
             let mut body = Vec::new();
             let mut len = 0u64;
-            let eof = EofWatch::default();
-            while let Some(chunk) = poll_fn(|cx| eof.poll(|| res.poll_next_unpin(cx))).await {
+            watch.reading_body();
+            while let Some(chunk) = res.next().await {
                 let chunk =
                     chunk.map_err(|e| Attempt::MaybeSent(format!("reading the body: {e}")))?;
                 len += chunk.len() as u64;
@@ -171,7 +183,7 @@ impl Upstream {
             // awc ends a body quietly when the connection closes early. A
             // body framed by its length or by chunks never needs the end
             // of the connection to end, so reaching it means a cut.
-            if framed && eof.saw_eof() {
+            if framed && watch.saw_eof() {
                 return Err(Attempt::MaybeSent(format!(
                     "the connection closed after {len} body bytes, before the answer ended"
                 )));
@@ -186,7 +198,15 @@ impl Upstream {
             let kept = len <= self.max_response;
             Ok::<_, Attempt>((code, headers, body, kept))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        // Every poll of the exchange (connect, write, read) runs with the
+        // watch current, so the connection reports what it did.
+        let mut exchange = std::pin::pin!(exchange);
+        let watched = poll_fn(|cx| watch.poll(|| exchange.as_mut().poll(cx)));
+        match tokio::time::timeout(self.timeout, watched).await {
+            Err(_) if !watch.wrote_request() => Attempt::NotSent(format!(
+                "no connection ready within {:?}; nothing was sent",
+                self.timeout
+            )),
             Err(_) => Attempt::MaybeSent(format!("no whole answer within {:?}", self.timeout)),
             Ok(Err(attempt)) => attempt,
             Ok(Ok((code, headers, body, kept))) => Attempt::Answered(Answer {

@@ -35,6 +35,8 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let wait = match value.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
+        // Seconds past what a u64 holds: a very long wait, not garbage.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX_PAUSE,
         Err(_) => {
             let at = httpdate::parse_http_date(value).ok()?;
             at.duration_since(now).unwrap_or(Duration::ZERO)
@@ -137,7 +139,11 @@ mod tests {
             parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
             Some(MAX_PAUSE)
         );
-        for unparseable in ["99999999999999999999999", "-5", "1.5", "", "soon"] {
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(MAX_PAUSE)
+        );
+        for unparseable in ["-5", "1.5", "", "soon", "12abc"] {
             assert_eq!(parse_retry_after(unparseable, now), None, "{unparseable}");
         }
     }

@@ -33,6 +33,16 @@ pub enum Settle {
     },
 }
 
+impl Settle {
+    fn id(&self) -> RequestId {
+        match self {
+            Settle::Requeue { id, .. }
+            | Settle::Complete { id, .. }
+            | Settle::Unknown { id, .. } => *id,
+        }
+    }
+}
+
 /// A completion's response head, encoded before the transaction.
 struct Prepared {
     /// The `responses` value: where the encoded head and the body live.
@@ -103,8 +113,10 @@ impl Store {
                     // headers can be large, and sled writes a leaf whose
                     // values pass ~128 KiB as a blob file it never fsyncs.
                     let mut head = done.head.clone();
-                    head.body = self.append_body(&done.body)?;
-                    let head_ref = self.bodies.append(&codec::encode(&head)?)?;
+                    head.body = self.append_result(&done.body)?;
+                    let head_ref = self
+                        .append_result(&codec::encode(&head)?)?
+                        .ok_or(StoreError::Closed)?;
                     Some(Prepared {
                         value: codec::encode(&(head_ref, head.body))?,
                         head: head_ref,
@@ -118,11 +130,47 @@ impl Store {
             // Bytes before records (see `bodies`).
             self.sync_bodies()?;
         }
-        self.transact(|tx| {
+        let together = self.transact(|tx| {
             ops.iter()
                 .zip(&prepared)
                 .map(|(op, p)| tx.settle(op, p.as_ref()))
                 .collect()
+        });
+        match together {
+            // One attempt's trouble (an unreadable record, say) must not
+            // leave the others of its batch `started`: each alone, then.
+            Err(e) if self.fatal.failed().is_none() && ops.len() > 1 => {
+                log::warn!(
+                    "a batch of {} settles failed ({e}); applying them one by one",
+                    ops.len()
+                );
+                Ok(ops
+                    .iter()
+                    .zip(&prepared)
+                    .map(|(op, p)| {
+                        self.transact(|tx| tx.settle(op, p.as_ref()))
+                            .unwrap_or_else(|e| {
+                                log::error!(
+                                    "request {}: its attempt could not be recorded: {e}",
+                                    op.id()
+                                );
+                                false
+                            })
+                    })
+                    .collect())
+            }
+            other => other,
+        }
+    }
+
+    /// Appends an upstream answer's bytes. The answer was received: a body
+    /// file that cannot take it means results cannot be recorded, which
+    /// is as fatal as a failed fsync (a restart recovers the attempt).
+    fn append_result(&self, bytes: &[u8]) -> Result<Option<BodyRef>, StoreError> {
+        self.append_body(bytes).map_err(|e| {
+            self.fatal
+                .fail(format!("an upstream answer could not be written: {e}"));
+            e
         })
     }
 

@@ -493,3 +493,32 @@ async fn a_flood_of_distinct_credentials_leaves_no_state_behind() {
     let (clean, _) = gw.wait_exit(SECS(30)).await;
     assert!(clean, "a clean exit after the flood");
 }
+
+#[actix_web::test]
+async fn an_upstream_timeout_before_any_request_byte_is_nothing_sent() {
+    // Accepts connections and never answers: a TLS handshake that never
+    // ends, under an upstream timeout shorter than the connect timeout.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let app = TestApp::start(
+        &format!("https://{addr}"),
+        &["--upstream-timeout", "2s", "--connect-timeout", "5s"],
+    )
+    .await;
+    let post = app.submit_as("POST", "/async_api/v2/p", "Bearer a").await;
+    let deadline = Instant::now() + SECS(15);
+    while metric(&app, "upstream_unreachable_total").await < 1 {
+        assert!(Instant::now() < deadline, "the attempt never ended");
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = app.status(&post, Some("Bearer a")).await.json();
+    assert!(s["status"] == "enqueued" || s["status"] == "started", "{s}");
+    assert_eq!(metric(&app, "upstream_failed_after_send_total").await, 0);
+    app.stop().await;
+}
