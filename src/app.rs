@@ -129,6 +129,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         metrics: metrics.clone(),
         public_url: args.public_url.clone(),
         wake: callback_wake,
+        shutdown_timeout: args.shutdown_timeout,
     };
     let callbacks = tokio::task::spawn_local(callbacks.run(stop_rx));
     let sweeper = Sweeper::start(store.clone());

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use awc::http::Method;
-use futures_util::future::join_all;
+use std::collections::HashSet;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, watch};
 use url::{Position, Url};
 
@@ -25,8 +28,10 @@ use crate::scheduler::pacing::doubling;
 use crate::store::{Store, StoreError};
 
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
-/// Callbacks sent at once, per round.
-const BATCH: usize = 64;
+/// Callbacks being delivered at once, at most.
+const IN_FLIGHT: usize = 256;
+/// The longest sleep between looks at the due index.
+const MAX_IDLE: Duration = Duration::from_secs(60);
 /// One delivery attempt, from connecting to the receiver's whole answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,6 +42,8 @@ pub struct Callbacks {
     /// Makes `response_url` absolute when set.
     pub public_url: Option<String>,
     pub wake: Arc<Notify>,
+    /// On stop, how long deliveries in flight may still finish.
+    pub shutdown_timeout: Duration,
 }
 
 /// The `response_url` the contract names.
@@ -106,55 +113,89 @@ impl Target {
 }
 
 impl Callbacks {
-    /// Runs until `stop` turns true; a round in progress is finished first.
+    /// Runs until `stop` turns true, then lets deliveries in flight end
+    /// (each is bounded by its attempt timeout). Each delivery runs on its
+    /// own: a receiver that never answers holds one slot for one attempt,
+    /// never the callbacks of anyone else.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let this = &self;
+        let mut in_flight = FuturesUnordered::new();
+        let mut busy: HashSet<RequestId> = HashSet::new();
         loop {
             if *stop.borrow() {
                 break;
             }
-            let wait = match self.round().await {
-                Ok(true) => continue,
-                Ok(false) => self.until_next_due(),
+            let wait = match self.start_due(&mut busy).await {
+                Ok(started) => {
+                    for (at, id, attempts) in started {
+                        in_flight.push(async move { (id, this.deliver(at, id, attempts).await) });
+                    }
+                    self.until_next_due()
+                }
                 Err(e) => {
                     log::error!("callbacks: {e}");
                     Duration::from_secs(1)
                 }
             };
             tokio::select! {
+                Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    busy.remove(&id);
+                    if let Err(e) = result {
+                        log::error!("callback for {id}: {e}");
+                    }
+                }
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}
             }
+        }
+        let drained = async { while in_flight.next().await.is_some() {} };
+        if tokio::time::timeout(self.shutdown_timeout, drained)
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "callbacks still in flight at the shutdown deadline are sent again on the next start"
+            );
         }
         log::info!("callback delivery stopped");
     }
 
     fn until_next_due(&self) -> Duration {
         match self.store.next_callback_due() {
-            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms())),
+            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(10)),
             _ => Duration::from_secs(3600),
         }
+        .min(MAX_IDLE)
     }
 
-    /// Sends the callbacks due now; true if there may be more.
-    async fn round(&self) -> Result<bool, StoreError> {
-        let due = self.store.due_callbacks(now_ms(), BATCH)?;
+    /// The callbacks due now that are not being delivered already, as many
+    /// as there are free slots; they count as busy from here on.
+    async fn start_due(
+        &self,
+        busy: &mut HashSet<RequestId>,
+    ) -> Result<Vec<(u64, RequestId, u32)>, StoreError> {
+        let free = IN_FLIGHT.saturating_sub(busy.len());
+        if free == 0 {
+            return Ok(Vec::new());
+        }
+        // Entries being delivered stay in the index (at their due time)
+        // until they end: read past them.
+        let due: Vec<_> = self
+            .store
+            .due_callbacks(now_ms(), busy.len() + free)?
+            .into_iter()
+            .filter(|(_, id, _)| !busy.contains(id))
+            .take(free)
+            .collect();
         if due.is_empty() {
-            return Ok(false);
+            return Ok(due);
         }
         // Only what is on disk is announced: everything read above is
         // covered by one flush.
         self.store.durable(self.store.ticket()).await?;
-        let full = due.len() == BATCH;
-        let results = join_all(
-            due.into_iter()
-                .map(|(at, id, attempts)| self.deliver(at, id, attempts)),
-        )
-        .await;
-        for r in results {
-            r?;
-        }
-        Ok(full)
+        busy.extend(due.iter().map(|(_, id, _)| *id));
+        Ok(due)
     }
 
     async fn deliver(&self, due_ms: u64, id: RequestId, attempts: u32) -> Result<(), StoreError> {

@@ -154,3 +154,54 @@ async fn pending_callbacks_survive_a_restart() {
     assert!(body.contains(&format!("response_id={id}")), "{body}");
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn a_receiver_that_never_answers_holds_up_no_one_elses_callbacks() {
+    // Accepts connections and never answers: each callback to it waits
+    // out its whole attempt timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let up = Fake::start().await;
+    let receiver = Fake::start().await;
+    let app = TestApp::start(&up.url(), &[]).await;
+    let hole = format!("http://{silent}/cb");
+    for i in 0..100 {
+        app.submit(
+            "POST",
+            &format!("/async_api/v2/h{i}"),
+            &[
+                ("Authorization", "Bearer hostile"),
+                ("X-Callback-Location", &hole),
+            ],
+            b"",
+        )
+        .await;
+    }
+    up.wait_for(100, SECS(20)).await;
+    actix_web::rt::time::sleep(SECS(1)).await;
+    let started = std::time::Instant::now();
+    let cb = format!("{}/hook", receiver.url());
+    app.submit(
+        "POST",
+        "/async_api/v2/mine",
+        &[
+            ("Authorization", "Bearer owner"),
+            ("X-Callback-Location", &cb),
+        ],
+        b"",
+    )
+    .await;
+    receiver.wait_for(1, SECS(10)).await;
+    assert!(
+        started.elapsed() < SECS(5),
+        "the callback took {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
