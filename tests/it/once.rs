@@ -522,3 +522,33 @@ async fn an_upstream_timeout_before_any_request_byte_is_nothing_sent() {
     assert_eq!(metric(&app, "upstream_failed_after_send_total").await, 0);
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn a_stop_ends_dispatching_at_once_even_while_http_drains() {
+    let up = Fake::start_with(|_, _| Reply::ok("slow").delay(SECS(1))).await;
+    let app = TestApp::start(&up.url(), &["--per-credential-concurrency", "1"]).await;
+    for i in 0..5 {
+        app.submit_as("POST", &format!("/async_api/v2/{i}"), "Bearer a")
+            .await;
+    }
+    up.wait_for(1, SECS(10)).await;
+    // A submission whose body is still arriving keeps HTTP draining.
+    let addr = app.addr;
+    let slow = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(
+            b"POST /async_api/v2/late HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nhalf",
+        )
+        .unwrap();
+        std::thread::sleep(SECS(8));
+    });
+    actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    let mut app = app;
+    app.running.take().unwrap().stop().await.unwrap();
+    assert_eq!(
+        up.seen().len(),
+        1,
+        "only the call in flight at the stop went out"
+    );
+    slow.join().unwrap();
+}
