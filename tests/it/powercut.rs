@@ -15,6 +15,7 @@
 //! directory entries that no directory fsync made durable.
 
 mod checks;
+mod faults;
 mod harness;
 mod load;
 
