@@ -150,13 +150,15 @@ impl Mount {
         fs::read_to_string(self.mnt.join(".lazyfs")).unwrap_or_default()
     }
 
-    /// Bytes written and not fsync'd, which a cut now would drop.
-    pub fn unsynced_bytes(&self) -> u64 {
+    /// Per file (mount-relative path): bytes written and not fsync'd, which
+    /// a cut now would drop.
+    pub fn unsynced_files(&self) -> Vec<(u64, String)> {
         self.status()
             .lines()
-            .find_map(|l| l.strip_prefix("unsynced_bytes "))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+            .filter_map(|l| l.strip_prefix("unsynced "))
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(n, path)| Some((n.parse().ok()?, path.to_string())))
+            .collect()
     }
 
     /// Writes the cycle's canary pair: one file fsync'd, one not.

@@ -2,7 +2,7 @@
 //!
 //! A test writes commands, one per line, to `.lazyfs` at the mount root;
 //! the write returns once they ran (EINVAL for a line it cannot parse).
-//! Reading the file gives a status report.
+//! Reading the file gives a status report (`status` below).
 //!
 //! | command | effect |
 //! | --- | --- |
@@ -150,20 +150,31 @@ impl LazyFs {
         );
     }
 
+    /// The report a read of `.lazyfs` gives: counters, then one
+    /// `unsynced <bytes> <path>` line per file holding unsynced bytes (a
+    /// test can time its cut by them).
     pub(crate) fn status(&self) -> String {
-        let all: Vec<Arc<Mutex<FileData>>> = lock(&self.files).values().cloned().collect();
-        let held: Vec<u64> = all
+        let all: Vec<(u64, Arc<Mutex<FileData>>)> = lock(&self.files)
             .iter()
-            .map(|f| lock(f).held())
-            .filter(|b| *b > 0)
+            .map(|(ino, d)| (*ino, d.clone()))
             .collect();
+        let held: Vec<(u64, u64)> = all
+            .iter()
+            .map(|(ino, f)| (*ino, lock(f).held()))
+            .filter(|(_, b)| *b > 0)
+            .collect();
+        let mut files = String::new();
+        for (ino, bytes) in &held {
+            let path = lock(&self.nodes).path(*ino).unwrap_or_default();
+            files.push_str(&format!("unsynced {bytes} {}\n", path.display()));
+        }
         let c = lock(&self.control);
         let s = lock(&self.strict);
         format!(
-            "cuts {}\nfiles_with_unsynced_bytes {}\nunsynced_bytes {}\nfaults_fired {}\narmed {}\nstrict {}\nunsynced_entries {}\n",
+            "cuts {}\nfiles_with_unsynced_bytes {}\nunsynced_bytes {}\nfaults_fired {}\narmed {}\nstrict {}\nunsynced_entries {}\n{files}",
             c.cuts,
             held.len(),
-            held.iter().sum::<u64>(),
+            held.iter().map(|(_, b)| b).sum::<u64>(),
             c.fired,
             c.armed(),
             if s.enabled { "on" } else { "off" },
