@@ -137,7 +137,7 @@ impl LazyFs {
         let (mut files, mut bytes) = (0, 0);
         for f in all {
             let mut d = lock(&f);
-            if d.held() > 0 || d.size().is_some() {
+            if d.held() > 0 {
                 files += 1;
                 bytes += d.held();
             }
