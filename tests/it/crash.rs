@@ -2,7 +2,8 @@
 //! The fake upstream records every arrival by the request's own key (an
 //! `X-Test-Key` header the gateway forwards), so the checks at the end see
 //! what really reached it. Seeded; the seed is printed
-//! (`ASYNCGATE_CRASH_SEED=<n>` replays a run's choices).
+//! (`ASYNCGATE_CRASH_SEED=<n>` replays a run's choices). 12 cycles by
+//! default; `ASYNCGATE_CRASH_CYCLES=<n>` runs more (a long mode, outside CI).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -13,24 +14,24 @@ use std::time::{Duration, Instant};
 use crate::helpers::*;
 use crate::process::{Proc, data_and_log};
 
-const CYCLES: usize = 12;
+const DEFAULT_CYCLES: usize = 12;
 const SUBMITTERS: usize = 6;
 /// Submissions per submitter and cycle (a kill usually comes first).
 const PER_CYCLE: usize = 40;
 const TOKENS: [&str; 3] = ["Bearer crash-a", "Bearer crash-b", "Bearer crash-c"];
 
 /// xorshift64*: small, seeded, good enough to pick moments and methods.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -47,9 +48,9 @@ struct Accepted {
 /// Per key: arrivals let through, arrivals refused with 429.
 type Arrivals = Arc<Mutex<HashMap<String, (u32, u32)>>>;
 
-#[actix_web::test]
-async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
-    let seed: u64 = std::env::var("ASYNCGATE_CRASH_SEED")
+/// The seed in `var`, or one from the clock; never 0 (xorshift's fixed point).
+pub fn seed_from(var: &str) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -58,7 +59,21 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
                 .unwrap()
                 .as_nanos() as u64
         })
-        | 1;
+        | 1
+}
+
+/// A count from `var` (a long mode), or the default.
+pub fn count_from(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+#[actix_web::test]
+async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
+    let seed = seed_from("ASYNCGATE_CRASH_SEED");
+    let cycles = count_from("ASYNCGATE_CRASH_CYCLES", DEFAULT_CYCLES);
     println!("crash test seed: {seed} (ASYNCGATE_CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed);
 
@@ -89,7 +104,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
 
     let accepted: Rc<RefCell<Vec<Accepted>>> = Rc::default();
     let mut next_key = 0u64;
-    for cycle in 0..CYCLES {
+    for cycle in 0..cycles {
         let p = Proc::start(
             &up.url(),
             &data,
@@ -165,7 +180,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
         .disable_redirects()
         .timeout(SECS(10))
         .finish();
-    let deadline = Instant::now() + SECS(120);
+    let deadline = Instant::now() + SECS(120 + cycles as u64);
     loop {
         let mut res = client
             .get(format!("{}/metrics", p.base))
@@ -266,7 +281,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
     }
     let refused: u32 = arrivals.values().map(|(_, r)| r).sum();
     println!(
-        "crash test: seed {seed}, {CYCLES} kill -9 cycles, {} accepted, {} done, {unknown} unknown, \
+        "crash test: seed {seed}, {cycles} kill -9 cycles, {} accepted, {} done, {unknown} unknown, \
          {refused} refused with 429, {} callbacks checked",
         accepted.len(),
         done.len(),
