@@ -105,6 +105,10 @@ impl ResponseError for ApiError {
             log::error!("{}: {self}: {:?}", status.as_u16(), self);
         }
         let message = match self {
+            ApiError::Store(StoreError::NotDurable) => {
+                "the store failed while making this write durable: it was not acknowledged, and may or may not have been kept; the gateway restarts"
+                    .to_string()
+            }
             ApiError::Store(_) if status == StatusCode::SERVICE_UNAVAILABLE => {
                 "the store cannot take writes right now; nothing was acknowledged, retry later"
                     .to_string()

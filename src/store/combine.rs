@@ -102,12 +102,10 @@ impl Store {
     /// worker threads). Durable once the ticket is. `LaneFull` when its
     /// lane already holds `NewRequest::max_pending` requests.
     pub async fn submit(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
-        let cap = new.max_pending.unwrap_or(u64::MAX);
         let rec = self
             .submitter
             .combine(new, false, |news| self.enqueue_batch(news))
-            .await?
-            .ok_or(StoreError::LaneFull(cap))?;
+            .await??;
         Ok((rec, self.flusher.ticket()))
     }
 }

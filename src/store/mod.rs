@@ -108,7 +108,7 @@ pub struct Store {
     /// Request and response bodies, outside sled.
     bodies: Arc<Bodies>,
     /// Gathers concurrent submissions into one transaction.
-    submitter: combine::Combiner<NewRequest, Option<RequestRecord>>,
+    submitter: combine::Combiner<NewRequest, Result<RequestRecord, StoreError>>,
     /// Gathers attempts finishing together into one transaction.
     settler: combine::Combiner<Settle, bool>,
     flusher_thread: Mutex<Option<JoinHandle<()>>>,
@@ -139,7 +139,9 @@ impl Store {
             .write(true)
             .open(config.path.join("db"))?;
         let bodies = Arc::new(Bodies::open(&config.path.join("bodies"))?);
-        // sled's own files (`conf`, `db`, `blobs/`) are new entries too.
+        // sled writes its `conf` file without an fsync: make it durable, and
+        // sled's own files (`conf`, `db`, `blobs/`), new entries, with it.
+        std::fs::File::open(config.path.join("conf"))?.sync_all()?;
         std::fs::File::open(&config.path)?.sync_all()?;
         let fatal = Fatal::default();
         let (flusher, thread) = Flusher::start(db.clone(), log, bodies.clone(), fatal.clone());

@@ -397,7 +397,7 @@ fn the_pending_cap_is_exact_and_counts_follow_the_queue() {
             capped(1),
         ])
         .unwrap();
-    let stored: Vec<bool> = out.iter().map(Option::is_some).collect();
+    let stored: Vec<bool> = out.iter().map(Result::is_ok).collect();
     assert_eq!(stored, [true, true, true, true, false, false]);
     assert_eq!(s.pending_in_lane(&[1; 32]).unwrap(), 3);
     assert_eq!(s.pending_in_lane(&[2; 32]).unwrap(), 1);

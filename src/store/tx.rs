@@ -204,63 +204,31 @@ impl Store {
     /// Stores a new request at the tail of its lane; `LaneFull` if its
     /// lane already holds `NewRequest::max_pending` requests.
     pub fn enqueue(&self, new: NewRequest) -> Result<(RequestRecord, Ticket), StoreError> {
-        let cap = new.max_pending.unwrap_or(u64::MAX);
         let rec = self
             .enqueue_batch(vec![new])?
             .pop()
-            .flatten()
-            .ok_or(StoreError::LaneFull(cap))?;
+            .ok_or(StoreError::Closed)??;
         Ok((rec, self.flusher.ticket()))
     }
 
     /// Stores new requests, each at the tail of its lane, in one
     /// transaction: sled rolls its log buffer and takes a global lock for
     /// every transaction, so one per request would bound the accept rate.
-    /// One answer per request: `None` where its lane was full. The counts
-    /// are read and raised inside the transaction, so the cap holds exactly
-    /// under concurrent submissions.
+    /// One answer per request: a request refused on its own (its lane full,
+    /// no space for its body, too large) fails alone, never its batch. The
+    /// counts are read and raised inside the transaction, so the cap holds
+    /// exactly under concurrent submissions.
     pub fn enqueue_batch(
         &self,
         news: Vec<NewRequest>,
-    ) -> Result<Vec<Option<RequestRecord>>, StoreError> {
+    ) -> Result<Vec<Result<RequestRecord, StoreError>>, StoreError> {
         let _gate = self.bodies.gate();
         let mut recs = Vec::with_capacity(news.len());
         let mut extra = Vec::with_capacity(news.len());
         for new in news {
-            // A lane already full is refused before its body is written.
-            if let Some(cap) = new.max_pending
-                && self.pending_in_lane(&new.lane)? >= cap
-            {
-                recs.push(None);
-                extra.push((Vec::new(), None));
-                continue;
-            }
-            recs.push(Some(RequestRecord {
-                id: new.id,
-                seq: self.db.generate_id()?,
-                lane: new.lane,
-                method: new.method,
-                target: new.target,
-                headers: new.headers,
-                body: self.append_checked(&new.body)?,
-                callback: new.callback,
-                created_ms: new.now_ms,
-                status: Status::Enqueued,
-                started_ms: None,
-                claims: 0,
-                outcome: None,
-                finished_ms: None,
-                expires_ms: None,
-            }));
-            extra.push((new.sealed_credential, new.max_pending));
-        }
-        for (r, (sealed, _)) in recs.iter().zip(&extra) {
-            if let Some(r) = r {
-                let size = codec::encode(r)?.len().max(sealed.len());
-                if size > super::MAX_VALUE {
-                    return Err(StoreError::TooLarge(size));
-                }
-            }
+            let cap = new.max_pending;
+            extra.push((new.sealed_credential.clone(), cap));
+            recs.push(self.prepare(new));
         }
         // Bytes before records: no record may reach the disk (sled's log
         // can, at any moment) before the body it names.
@@ -268,7 +236,7 @@ impl Store {
         let stored = self.transact(|tx| {
             let mut stored = Vec::with_capacity(recs.len());
             for (r, (sealed, cap)) in recs.iter().zip(&extra) {
-                let Some(r) = r else {
+                let Ok(r) = r else {
                     stored.push(false);
                     continue;
                 };
@@ -290,8 +258,50 @@ impl Store {
         Ok(recs
             .into_iter()
             .zip(stored)
-            .map(|(r, ok)| r.filter(|_| ok))
+            .zip(extra)
+            .map(|((r, ok), (_, cap))| match r {
+                Ok(_) if !ok => Err(StoreError::LaneFull(cap.unwrap_or(u64::MAX))),
+                other => other,
+            })
             .collect())
+    }
+
+    /// A new request's record, its body written: refused alone when its
+    /// lane is already full (before the body is written), the disk has no
+    /// room for the body, or the record would be too large for sled.
+    fn prepare(&self, new: NewRequest) -> Result<RequestRecord, StoreError> {
+        if let Some(cap) = new.max_pending
+            && self.pending_in_lane(&new.lane)? >= cap
+        {
+            return Err(StoreError::LaneFull(cap));
+        }
+        let size = new.sealed_credential.len();
+        if size > super::MAX_VALUE {
+            return Err(StoreError::TooLarge(size));
+        }
+        let mut rec = RequestRecord {
+            id: new.id,
+            seq: self.db.generate_id()?,
+            lane: new.lane,
+            method: new.method,
+            target: new.target,
+            headers: new.headers,
+            body: None,
+            callback: new.callback,
+            created_ms: new.now_ms,
+            status: Status::Enqueued,
+            started_ms: None,
+            claims: 0,
+            outcome: None,
+            finished_ms: None,
+            expires_ms: None,
+        };
+        let size = codec::encode(&rec)?.len() + 64; // + the body's reference
+        if size > super::MAX_VALUE {
+            return Err(StoreError::TooLarge(size));
+        }
+        rec.body = self.append_checked(&new.body)?;
+        Ok(rec)
     }
 
     /// Start-up recovery: whatever was `started` when the last process died

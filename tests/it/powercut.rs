@@ -54,7 +54,6 @@ async fn power_cuts_under_load_lose_nothing_acknowledged() {
 /// The same with directory entries lost unless their directory was
 /// fsync'd (lazyfs --strict), which SPEC §6 asks for too.
 #[actix_web::test]
-#[ignore = "SPEC §6 directory fsyncs: the data dir, sled's files and the key file are made without fsyncing their directories, so a strict cut loses the whole store; open in the store's durability fix (issue 9)"]
 async fn power_cuts_in_strict_mode_lose_nothing_acknowledged() {
     power_cuts("power_cuts_in_strict_mode_lose_nothing_acknowledged", true).await;
 }

@@ -237,13 +237,11 @@ async fn failed_fsync_is_fatal(test: &str, pattern: &str) {
 }
 
 #[actix_web::test]
-#[ignore = "SPEC §6 failed fsync is fatal: today the gateway logs it and answers 503 but keeps running with /healthz 200; open in the store's durability fix (issue 9)"]
 async fn a_failed_fsync_of_sleds_log_is_fatal() {
     failed_fsync_is_fatal("a_failed_fsync_of_sleds_log_is_fatal", "data/db").await;
 }
 
 #[actix_web::test]
-#[ignore = "SPEC §6 failed fsync is fatal: today the gateway logs it and answers 503 but keeps running with /healthz 200; open in the store's durability fix (issue 9)"]
 async fn a_failed_fsync_of_a_body_segment_is_fatal() {
     failed_fsync_is_fatal("a_failed_fsync_of_a_body_segment_is_fatal", "bodies/").await;
 }
@@ -271,7 +269,6 @@ fn non_empty_key(prefix: &str) -> String {
 }
 
 #[actix_web::test]
-#[ignore = "SPEC §6 full disk: ENOSPC on a body segment answers 503 store_unavailable, not 507 insufficient_storage; open in the store's durability fix (issue 9)"]
 async fn no_space_for_a_body_refuses_only_that_submission_with_507() {
     let test = "no_space_for_a_body_refuses_only_that_submission_with_507";
     let Some(mut b) = Bench::start(test).await else {
@@ -316,7 +313,6 @@ async fn no_space_for_a_body_refuses_only_that_submission_with_507() {
 }
 
 #[actix_web::test]
-#[ignore = "SPEC §6: after ENOSPC inside sled every write answers 503 while the gateway runs on with /healthz 200 instead of exiting; open in the store's durability fix (issue 9)"]
 async fn no_space_inside_sled_is_fatal() {
     let test = "no_space_inside_sled_is_fatal";
     let Some(mut b) = Bench::start(test).await else {
