@@ -57,19 +57,7 @@ impl Sealer {
                 }
                 let mut key = vec![0u8; 32];
                 getrandom::getrandom(&mut key).map_err(|_| CryptoError::Random)?;
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(err)?;
-                f.write_all(&key).map_err(err)?;
-                f.sync_all().map_err(err)?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    fs::File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(err)?;
-                }
+                write_key(path, &key).map_err(err)?;
                 key
             }
             Err(e) => return Err(err(e)),
@@ -160,6 +148,32 @@ impl Sealer {
     }
 }
 
+/// Writes a new key file so that a crash or a power cut at any moment
+/// leaves either no key file or the whole key: written and fsync'd under a
+/// temporary name, renamed into place, the directory fsync'd. (A key file
+/// cut short would stop every later start.)
+fn write_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp); // a leftover of an earlier crash
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(key)?;
+    f.sync_all()?;
+    // The caller found no key file; the data dir's lock keeps a second
+    // gateway of this data dir from racing us here.
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
 /// The salted hash of a credential (`None`: anonymous). The two cases are
 /// domain-separated so no header value hashes like "no header".
 pub fn credential_hash(salt: &[u8; 32], credential: Option<&[u8]>) -> LaneKey {
@@ -211,6 +225,17 @@ mod tests {
         let b = Sealer::load_or_create(&path, true).unwrap();
         let id = RequestId::generate();
         assert_eq!(b.unseal(&id, &a.seal(&id, b"x").unwrap()).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_key_cut_short_by_an_earlier_crash_is_never_left_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        // A crash while writing left only the temporary file behind.
+        fs::write(dir.path().join("k.new"), b"partial").unwrap();
+        Sealer::load_or_create(&path, false).unwrap();
+        assert_eq!(fs::read(&path).unwrap().len(), 32);
+        assert!(!dir.path().join("k.new").exists());
     }
 
     #[test]

@@ -32,8 +32,11 @@ pub struct Bodies {
     /// appended but not yet referenced is never taken for garbage.
     commit_gate: RwLock<()>,
     /// One sync at a time: a caller whose appends another caller's sync
-    /// took must not return before that sync has finished.
-    syncing: Mutex<()>,
+    /// took must not return before that sync has finished. Holds whether
+    /// a sync has failed: then every later one fails too (the bytes it
+    /// took may be lost, and a later caller's appends may have been among
+    /// them).
+    syncing: Mutex<bool>,
 }
 
 struct Writer {
@@ -83,7 +86,7 @@ impl Bodies {
                 written: false,
             }),
             commit_gate: RwLock::new(()),
-            syncing: Mutex::new(()),
+            syncing: Mutex::new(false),
         })
     }
 
@@ -134,7 +137,20 @@ impl Bodies {
     /// are not given back, as after a failed fsync the kernel may have
     /// dropped their dirty pages anyway.
     pub fn sync(&self) -> std::io::Result<()> {
-        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if *failed {
+            return Err(std::io::Error::other(
+                "an earlier fsync of the body files failed",
+            ));
+        }
+        let synced = self.sync_taken();
+        *failed = synced.is_err();
+        synced
+    }
+
+    /// Takes what was written since the last sync and fsyncs it; called
+    /// with `syncing` held.
+    fn sync_taken(&self) -> std::io::Result<()> {
         let (files, dir_changed) = {
             let mut w = self.lock();
             let mut files = std::mem::take(&mut w.unsynced);

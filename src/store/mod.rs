@@ -73,10 +73,11 @@ pub enum StoreError {
 
 /// The largest value kept in sled. sled writes a node whose encoding passes
 /// a quarter segment (256 KiB with our 1 MiB segments) as a blob file it
-/// never fsyncs, and a leaf holds up to 17 values: 17 × 12 KiB stays
-/// under that, so every value is power-cut safe. Bodies and responses have
-/// no such limit: they live in segment files.
-pub const MAX_VALUE: usize = 12 * 1024;
+/// never fsyncs. A leaf splits past 16 entries, only on a later traversal,
+/// and a merge can add a few more: about 20 at worst, so 22 × 11 KiB
+/// still stays under that and every value is power-cut safe. Bodies and
+/// responses have no such limit: they live in segment files.
+pub const MAX_VALUE: usize = 11 * 1024;
 
 /// sled's log segment size (its default is 512 KiB): sets the blob
 /// threshold `MAX_VALUE` is measured against.
@@ -127,6 +128,10 @@ impl Store {
             .path(&config.path)
             .cache_capacity(config.cache_capacity)
             .segment_size(SEGMENT_SIZE)
+            // No flusher thread of sled's own: it only logs the errors of
+            // its periodic fsync. Our flusher flushes and fsyncs on every
+            // round and treats a failure as fatal.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| classify_open_error(e, &config.path))?;
         let trees = TREES
