@@ -194,7 +194,14 @@ impl Store {
     /// that submission fails.
     fn append_checked(&self, bytes: &[u8]) -> Result<Option<BodyRef>, StoreError> {
         self.append_body(bytes).map_err(|e| match e {
-            StoreError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            StoreError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::QuotaExceeded
+                        | std::io::ErrorKind::FileTooLarge
+                ) =>
+            {
                 StoreError::NoSpace
             }
             other => other,
@@ -382,8 +389,6 @@ impl Store {
         id: &RequestId,
         allowed: impl Fn(&RequestRecord) -> bool,
     ) -> Result<bool, StoreError> {
-        // The references alone: a sweep of many deletes reads no segment.
-        let response = self.response_refs(id)?;
         self.transact(|tx| {
             let Some(rec) = tx.record(id)? else {
                 return Ok(false);
@@ -396,11 +401,15 @@ impl Store {
             }
             tx.index_status(rec.status, id, false)?;
             tx.drop_body(id, Body::Request, rec.body)?;
-            if let Some((head, body)) = response {
+            // Read here, not before: a requeue-and-complete in between must
+            // not leave the new response's references behind. (The
+            // references alone: a sweep of many deletes reads no segment.)
+            if let Some(v) = tx.t(RESPONSES).remove(id.as_bytes())? {
+                let (head, body): (BodyRef, Option<BodyRef>) =
+                    codec::decode(&v).map_err(Conflict::Abort)?;
                 tx.drop_body(id, Body::ResponseHead, Some(head))?;
                 tx.drop_body(id, Body::Response, body)?;
             }
-            tx.t(RESPONSES).remove(id.as_bytes())?;
             tx.t(SEALED).remove(id.as_bytes())?;
             if let Some(e) = rec.expires_ms {
                 tx.t(EXPIRY).remove(&keys::timed(e, id))?;
