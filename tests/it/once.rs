@@ -407,32 +407,21 @@ async fn a_flood_of_distinct_credentials_leaves_no_state_behind() {
             assert_eq!(res.status().as_u16(), 202);
         }
     };
-    let lanes = || async {
-        let mut res = client
-            .get(format!("{}/metrics", gw.base))
-            .send()
-            .await
-            .unwrap();
-        let body = res.body().await.unwrap();
-        String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| l.strip_prefix("asyncgate_lanes "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap()
+    // One series of the gateway's /metrics, e.g. `asyncgate_lanes`.
+    let series = |name: &'static str| {
+        let req = client.get(format!("{}/metrics", gw.base));
+        async move {
+            let mut res = req.send().await.unwrap();
+            let body = res.body().await.unwrap();
+            String::from_utf8_lossy(&body)
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap()
+        }
     };
-    let stored = || async {
-        let mut res = client
-            .get(format!("{}/metrics", gw.base))
-            .send()
-            .await
-            .unwrap();
-        let body = res.body().await.unwrap();
-        String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| l.strip_prefix("asyncgate_requests{status=\"done\"} "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap()
-    };
+    let lanes = || series("asyncgate_lanes");
+    let stored = || series("asyncgate_requests{status=\"done\"}");
     let swept = || async {
         let deadline = Instant::now() + SECS(600);
         while stored().await > 0 {
