@@ -3,7 +3,7 @@
 //! asyncgate stores the request durably, runs it later against the upstream
 //! paced by the upstream's own limits, keeps the whole response for a day,
 //! and tells the client by polling or by a callback. The contract is
-//! `SPEC.md` (shipped beside the project).
+//! `docs/SPEC.md` in the repository.
 //!
 //! # Layout
 //!

@@ -1,4 +1,4 @@
-//! The checks after each restart (SPEC §6 and POWERCUT.md): nothing
+//! The checks after each restart (SPEC §6 and docs/POWERCUT.md): nothing
 //! acknowledged lost, nothing run twice, bytes intact, nothing stuck.
 
 use std::collections::{HashMap, HashSet};

@@ -1,5 +1,5 @@
 //! The harness's own checks: lazyfs models what the power-cut tests rely
-//! on (POWERCUT.md), seen by plain processes through the mount.
+//! on (docs/POWERCUT.md), seen by plain processes through the mount.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
