@@ -155,13 +155,21 @@ impl Upstream {
         let watch = AttemptWatch::default();
         let exchange = async {
             let mut res = req.send_body(body).await.map_err(|e| {
-                // No request byte reached the kernel (a refused connect,
-                // a pooled connection found closed on the first write):
-                // nothing can have been sent, whatever awc calls it.
-                if watch.wrote_request() {
-                    classify(e)
+                // Nothing was sent when no request byte reached the kernel
+                // (a refused connect, a pooled connection found closed on
+                // the first write), or when the connection was never made:
+                // awc ends its connect phase (TCP, TLS handshake, whose
+                // alerts the watch cannot tell from requests) with a
+                // `Connect` error; only `Disconnected` comes later, after
+                // the whole request was written.
+                let never_connected = matches!(
+                    &e,
+                    SendRequestError::Connect(c) if !matches!(c, ConnectError::Disconnected)
+                );
+                if watch.wrote_request() && !never_connected {
+                    Attempt::MaybeSent(e.to_string())
                 } else {
-                    Attempt::NotSent(format!("nothing written: {e}"))
+                    Attempt::NotSent(format!("nothing sent: {e}"))
                 }
             })?;
             let code = res.status().as_u16();
@@ -247,24 +255,6 @@ fn declared_length(method: &str, code: u16, headers: &[Header]) -> Option<u64> {
         .iter()
         .find(|(n, _)| n == "content-length")
         .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
-}
-
-/// What an awc error proves. Only a connection that was never made proves
-/// nothing was sent. awc reports `ConnectError::Disconnected` when the
-/// upstream closes the connection *after the whole request was written*
-/// and before answering, so that one is `MaybeSent` like every failure
-/// while writing the request or reading the answer.
-fn classify(e: SendRequestError) -> Attempt {
-    match e {
-        SendRequestError::Connect(ConnectError::Disconnected) => {
-            Attempt::MaybeSent("the connection closed before an answer".into())
-        }
-        SendRequestError::Connect(c) => Attempt::NotSent(format!("connect: {c}")),
-        SendRequestError::Url(u) => Attempt::NotSent(format!("url: {u}")),
-        SendRequestError::Http(h) => Attempt::NotSent(format!("request: {h}")),
-        SendRequestError::TunnelNotSupported => Attempt::NotSent("tunnel not supported".into()),
-        other => Attempt::MaybeSent(other.to_string()),
-    }
 }
 
 /// Response headers as stored: end to end, in order, every value.

@@ -128,3 +128,15 @@ fn any_other_answer_is_the_result() {
         }
     }
 }
+
+#[test]
+fn the_engine_reports_dead_when_its_loop_ends_even_by_a_panic() {
+    let (handle, receiver) = channel();
+    assert!(handle.is_alive());
+    let ended = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let _alive = AliveGuard(receiver.alive.clone());
+        panic!("the engine failed");
+    }));
+    assert!(ended.is_err());
+    assert!(!handle.is_alive(), "/healthz must not say 200 from now on");
+}

@@ -232,10 +232,11 @@ impl Store {
         let _gate = self.bodies.gate();
         let mut recs = Vec::with_capacity(news.len());
         let mut extra = Vec::with_capacity(news.len());
-        for new in news {
+        for mut new in news {
+            let sealed = std::mem::take(&mut new.sealed_credential);
             let cap = new.max_pending;
-            extra.push((new.sealed_credential.clone(), cap));
-            recs.push(self.prepare(new));
+            recs.push(self.prepare(new, sealed.len()));
+            extra.push((sealed, cap));
         }
         // Bytes before records: no record may reach the disk (sled's log
         // can, at any moment) before the body it names.
@@ -276,13 +277,13 @@ impl Store {
     /// A new request's record, its body written: refused alone when its
     /// lane is already full (before the body is written), the disk has no
     /// room for the body, or the record would be too large for sled.
-    fn prepare(&self, new: NewRequest) -> Result<RequestRecord, StoreError> {
+    fn prepare(&self, new: NewRequest, sealed_len: usize) -> Result<RequestRecord, StoreError> {
         if let Some(cap) = new.max_pending
             && self.pending_in_lane(&new.lane)? >= cap
         {
             return Err(StoreError::LaneFull(cap));
         }
-        let size = new.sealed_credential.len();
+        let size = sealed_len;
         if size > super::MAX_VALUE {
             return Err(StoreError::TooLarge(size));
         }
