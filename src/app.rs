@@ -76,7 +76,9 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     if let Some((id, sealed)) = &first_sealed {
         sealer.check(id, sealed)?;
     }
-    let recovered = store.recover(now_ms(), args.unknown_retention.as_millis() as u64)?;
+    let recovered = store
+        .recover(now_ms(), args.unknown_retention.as_millis() as u64)
+        .await?;
     if recovered.requeued + recovered.unknown > 0 {
         log::warn!(
             "recovered from a crash: {} safe requests requeued, {} marked unknown",

@@ -191,9 +191,8 @@ impl Callbacks {
         if due.is_empty() {
             return Ok(due);
         }
-        // Only what is on disk is announced: everything read above is
-        // covered by one flush.
-        self.store.durable(self.store.ticket()).await?;
+        // Only what is on disk is announced, and the store shows nothing
+        // else: a change is applied only once its journal entry is durable.
         busy.extend(due.iter().map(|(_, id, _)| *id));
         Ok(due)
     }
@@ -203,12 +202,12 @@ impl Callbacks {
         let rec = match self.store.get(&id)? {
             Some(rec) if !rec.is_expired(now) => rec,
             _ => {
-                let _ = self.store.callback_finished(due_ms, &id)?;
+                self.store.callback_finished(due_ms, &id).await?;
                 return Ok(());
             }
         };
         let (Some(cb), Some(outcome)) = (&rec.callback, &rec.outcome) else {
-            let _ = self.store.callback_finished(due_ms, &id)?;
+            self.store.callback_finished(due_ms, &id).await?;
             return Ok(());
         };
         let params = [
@@ -228,7 +227,7 @@ impl Callbacks {
                 // can ever succeed, so retrying would only repeat this line.
                 log::warn!("callback for {id} given up: its URL is unusable ({e})");
                 self.metrics.callback_attempt(false);
-                let _ = self.store.callback_finished(due_ms, &id)?;
+                self.store.callback_finished(due_ms, &id).await?;
                 return Ok(());
             }
         };
@@ -274,7 +273,7 @@ impl Callbacks {
         };
         self.metrics.callback_attempt(ok);
         if ok {
-            let _ = self.store.callback_finished(due_ms, &id)?;
+            self.store.callback_finished(due_ms, &id).await?;
             return Ok(());
         }
         let attempts = attempts + 1;
@@ -282,9 +281,11 @@ impl Callbacks {
         let next = now + doubling(base, attempts, cap).as_millis() as u64;
         if rec.expires_ms.is_some_and(|e| next >= e) {
             log::warn!("callback for {id} given up after {attempts} attempts: retention ends");
-            let _ = self.store.callback_finished(due_ms, &id)?;
+            self.store.callback_finished(due_ms, &id).await?;
         } else {
-            self.store.callback_retry(due_ms, &id, next, attempts)?;
+            self.store
+                .callback_retry(due_ms, &id, next, attempts)
+                .await?;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
 use crate::model::{LaneKey, Outcome, RequestId, RequestRecord, is_idempotent, now_ms};
 use crate::scheduler::{Feedback, Hints, Limits, Next, Scheduler, pacing};
-use crate::store::{Claim, Completion, Settle, Store, StoreError, Ticket};
+use crate::store::{Claim, Completion, Settle, Store, StoreError};
 use crate::upstream::{Answer, Attempt, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +124,7 @@ pub async fn run(
     let mut give_up_at: Option<Instant> = None;
     loop {
         if give_up_at.is_none() {
-            wake_at = dispatch(&ctx, &mut sched, &chan.tx);
+            wake_at = dispatch(&ctx, &mut sched, &chan.tx).await;
         } else if sched.in_flight() == 0 {
             break;
         }
@@ -184,8 +184,11 @@ async fn sleep_opt(until: Option<Instant>) {
 }
 
 /// Starts every attempt the scheduler allows now, claiming them in one
-/// transaction per round; returns when to look again.
-fn dispatch(
+/// durable store round each; returns when to look again. The claims are
+/// awaited here, not in a task: events (a requeue's `Finished`) are then
+/// always applied to the scheduler after the claim that may have missed
+/// them, never before.
+async fn dispatch(
     ctx: &Rc<Context>,
     sched: &mut Scheduler,
     tx: &mpsc::UnboundedSender<Event>,
@@ -203,11 +206,11 @@ fn dispatch(
         if lanes.is_empty() {
             return wake;
         }
-        match ctx.store.claim_batch(&lanes, now_ms()) {
-            Ok((claims, ticket)) => {
+        match ctx.store.claim_batch(&lanes, now_ms()).await {
+            Ok(claims) => {
                 for (lane, claim) in lanes.into_iter().zip(claims) {
                     match claim {
-                        Claim::Got(rec) => start(ctx, tx, *rec, ticket),
+                        Claim::Got(rec) => start(ctx, tx, *rec),
                         Claim::Empty => sched.empty(lane),
                         Claim::Skipped => {
                             sched.empty(lane);
@@ -226,16 +229,13 @@ fn dispatch(
     }
 }
 
-fn start(ctx: &Rc<Context>, tx: &mpsc::UnboundedSender<Event>, rec: RequestRecord, ticket: Ticket) {
+fn start(ctx: &Rc<Context>, tx: &mpsc::UnboundedSender<Event>, rec: RequestRecord) {
     let (ctx, tx) = (Rc::clone(ctx), tx.clone());
     tokio::task::spawn_local(async move {
         let lane = rec.lane;
         // A panic here must not leave a slot taken forever behind a
         // healthy-looking gateway: the loop hears of it and stops.
-        let event = match AssertUnwindSafe(execute(&ctx, &rec, ticket))
-            .catch_unwind()
-            .await
-        {
+        let event = match AssertUnwindSafe(execute(&ctx, &rec)).catch_unwind().await {
             Ok(feedback) => Event::Finished(lane, feedback),
             Err(_) => Event::Panicked(rec.id),
         };
@@ -285,8 +285,8 @@ fn decide(method: &str, happened: Happened, now: SystemTime) -> Decision {
 }
 
 /// One attempt, from the durable claim to the durably settled result.
-async fn execute(ctx: &Context, rec: &RequestRecord, claimed: Ticket) -> Feedback {
-    let happened = attempt(ctx, rec, claimed).await;
+async fn execute(ctx: &Context, rec: &RequestRecord) -> Feedback {
+    let happened = attempt(ctx, rec).await;
     report(ctx, rec, &happened);
     let (id, claims) = (rec.id, rec.claims);
     let (op, feedback) = match decide(&rec.method, happened, SystemTime::now()) {
@@ -338,15 +338,14 @@ async fn execute(ctx: &Context, rec: &RequestRecord, claimed: Ticket) -> Feedbac
     feedback
 }
 
-/// Everything up to and including the upstream exchange. Nothing is sent
-/// unless the claim (`started`) is durable: that is what makes "never
-/// twice" hold after a crash.
-async fn attempt(ctx: &Context, rec: &RequestRecord, claimed: Ticket) -> Happened {
+/// Everything up to and including the upstream exchange. The claim
+/// (`started`) is durable before the store hands it out: that is what
+/// makes "never twice" hold after a crash.
+async fn attempt(ctx: &Context, rec: &RequestRecord) -> Happened {
     let prepared = async {
-        ctx.store.durable(claimed).await?;
-        let credential = match ctx.store.sealed_credential(&rec.id)? {
-            Some(sealed) => ctx.sealer.unseal_credential(&rec.id, &sealed)?,
-            None => None,
+        let credential = match rec.sealed.as_slice() {
+            [] => None,
+            sealed => ctx.sealer.unseal_credential(&rec.id, sealed)?,
         };
         let body = ctx.store.request_body(rec)?;
         Ok::<_, ExecError>((credential, body))
@@ -388,16 +387,9 @@ fn report(ctx: &Context, rec: &RequestRecord, happened: &Happened) {
     }
 }
 
-/// Applies a settle and waits until it is durable. False if the claim
-/// was stale (nothing changed).
+/// Settles durably. False if the claim was stale (nothing changed).
 async fn settle(ctx: &Context, op: Settle) -> Result<bool, StoreError> {
-    match ctx.store.settle(op).await? {
-        Some(t) => {
-            ctx.store.durable(t).await?;
-            Ok(true)
-        }
-        None => Ok(false),
-    }
+    ctx.store.settle(op).await
 }
 
 #[cfg(test)]

@@ -196,8 +196,7 @@ pub struct Outcome {
 }
 
 /// One accepted request. Small by design: the body and the response live in
-/// segment files beside it (`BodyRef`), the credential sealed in a tree of
-/// its own.
+/// the store's journal (`BodyRef`); the record keeps where.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub id: RequestId,
@@ -222,6 +221,10 @@ pub struct RequestRecord {
     pub finished_ms: Option<u64>,
     /// When retention ends; past it the request answers 404.
     pub expires_ms: Option<u64>,
+    /// The credential, sealed (`crypto`); empty once the request is done.
+    pub sealed: Vec<u8>,
+    /// Where the stored response's head and body are, once done.
+    pub response: Option<ResponseRefs>,
 }
 
 impl RequestRecord {
@@ -239,7 +242,15 @@ pub struct ResponseHead {
     pub body: Option<BodyRef>,
 }
 
-/// Where a stored body lives: a range of a body segment file.
+/// Where a response lives: its encoded `ResponseHead`, and its body
+/// (`None` when empty or too large to keep).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseRefs {
+    pub head: BodyRef,
+    pub body: Option<BodyRef>,
+}
+
+/// Where a stored body lives: a range of a journal segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BodyRef {
     pub segment: u64,

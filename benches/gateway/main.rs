@@ -338,7 +338,8 @@ fn pending(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> 
 }
 
 /// Fills a data dir with `n` requests done long ago, already past retention
-/// (through the store's batch operations, as the gateway itself writes).
+/// (through the store's operations, as the gateway itself writes: each
+/// step of a batch concurrently, so that the writer takes it in one round).
 fn populate_expired(data: &std::path::Path, n: usize) {
     let store = Store::open(&StoreConfig {
         path: data.to_path_buf(),
@@ -347,29 +348,37 @@ fn populate_expired(data: &std::path::Path, n: usize) {
     .expect("open");
     let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
     let long_ago = now_ms() - 3 * 86_400_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut made = 0;
     while made < n {
         let k = (n - made).min(256);
-        let news = (0..k)
-            .map(|i| NewRequest {
-                id: RequestId::generate(),
-                lane,
-                method: "POST".into(),
-                target: format!("v2/old/{}.json", made + i),
-                headers: vec![("content-type".into(), b"application/json".to_vec())],
-                body: vec![b'x'; BODY_1K],
-                callback: None,
-                sealed_credential: vec![0; 40],
-                now_ms: long_ago,
-                max_pending: None,
-            })
-            .collect();
-        store.enqueue_batch(news).expect("enqueue");
-        let (claims, _) = store.claim_batch(&vec![lane; k], long_ago).expect("claim");
-        let ops = claims
-            .into_iter()
-            .filter_map(|c| match c {
-                Claim::Got(rec) => Some(Settle::Complete {
+        rt.block_on(async {
+            let submits = (0..k).map(|i| {
+                store.submit(NewRequest {
+                    id: RequestId::generate(),
+                    lane,
+                    method: "POST".into(),
+                    target: format!("v2/old/{}.json", made + i),
+                    headers: vec![("content-type".into(), b"application/json".to_vec())],
+                    body: vec![b'x'; BODY_1K],
+                    callback: None,
+                    sealed_credential: vec![0; 40],
+                    now_ms: long_ago,
+                    max_pending: None,
+                })
+            });
+            for r in futures_util::future::join_all(submits).await {
+                r.expect("submit");
+            }
+            let claims = store
+                .claim_batch(&vec![lane; k], long_ago)
+                .await
+                .expect("claim");
+            let settles = claims.into_iter().filter_map(|c| match c {
+                Claim::Got(rec) => Some(store.settle(Settle::Complete {
                     id: rec.id,
                     claims: rec.claims,
                     done: Completion {
@@ -388,11 +397,13 @@ fn populate_expired(data: &std::path::Path, n: usize) {
                     },
                     now_ms: long_ago,
                     retention_ms: 86_400_000,
-                }),
+                })),
                 _ => None,
-            })
-            .collect();
-        store.settle_batch(ops).expect("complete");
+            });
+            for r in futures_util::future::join_all(settles).await {
+                r.expect("complete");
+            }
+        });
         made += k;
     }
     store.close().expect("close");

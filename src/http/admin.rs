@@ -88,9 +88,8 @@ pub async fn requeue(
 ) -> Result<HttpResponse, ApiError> {
     guard(&req, &state)?;
     let id = parse_id(&id)?;
-    match state.store.requeue_unknown(&id)? {
-        Some((rec, ticket)) => {
-            state.store.durable(ticket).await?;
+    match state.store.requeue_unknown(&id).await? {
+        Some(rec) => {
             state.dispatch.queued(rec.lane);
             log::info!("request {id} requeued by an operator");
             Ok(HttpResponse::build(StatusCode::ACCEPTED).json(item(&rec)))
@@ -110,8 +109,7 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     guard(&req, &state)?;
     let id = parse_id(&id)?;
-    if state.store.delete(&id)? {
-        state.store.durable(state.store.ticket()).await?;
+    if state.store.delete(&id).await? {
         log::info!("request {id} deleted by an operator");
         return Ok(HttpResponse::NoContent().finish());
     }

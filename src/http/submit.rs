@@ -92,7 +92,9 @@ pub async fn submit(
     // submission (500, logged) rather than store one that could be guessed.
     let id = RequestId::try_generate().map_err(|_| ApiError::Crypto(CryptoError::Random))?;
     let sealed_credential = state.sealer.seal_credential(&id, credential)?;
-    let (rec, ticket) = state
+    // Durable before visible: the store answers once the request is
+    // fsync'd, and no 202 goes out before.
+    let rec = state
         .store
         .submit(NewRequest {
             id,
@@ -107,8 +109,6 @@ pub async fn submit(
             max_pending: state.max_pending_per_credential,
         })
         .await?;
-    // Durable before visible: no 202 until the request is fsync'd.
-    state.store.durable(ticket).await?;
     state.dispatch.queued(lane);
     state.metrics.accepted();
     let location = format!("/async_api/v2/requests/{id}.json");

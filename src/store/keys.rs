@@ -4,22 +4,12 @@
 
 use crate::model::{LaneKey, RequestId, Status};
 
-/// Which of a request's bodies a reference is for.
-#[derive(Clone, Copy)]
-pub enum Body {
-    Request = 0,
-    Response = 1,
-    /// The response's status and headers (kept out of sled: see `bodies`).
-    ResponseHead = 2,
-}
-
-/// A reference from a body segment to a request: the segment can be
-/// deleted once no key starts with its number.
-pub fn body_ref(segment: u64, id: &RequestId, body: Body) -> [u8; 25] {
-    let mut k = [0u8; 25];
-    k[..8].copy_from_slice(&segment.to_be_bytes());
-    k[8..24].copy_from_slice(id.as_bytes());
-    k[24] = body as u8;
+/// The `counters` key of a journal segment's count of live blobs (bodies
+/// and responses still referenced).
+pub fn segment(segment: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b's';
+    k[1..].copy_from_slice(&segment.to_be_bytes());
     k
 }
 
@@ -31,17 +21,12 @@ pub fn lane(lane: &LaneKey, seq: u64) -> [u8; 40] {
 }
 
 /// The `counters` key of a lane's count of queued requests (status
-/// counters are one byte, so the two never meet).
+/// counters are one byte, so none of the counter keys meet).
 pub fn pending(lane: &LaneKey) -> [u8; 33] {
     let mut k = [0u8; 33];
     k[0] = b'p';
     k[1..].copy_from_slice(lane);
     k
-}
-
-/// The lane a `lane` key belongs to.
-pub fn lane_of(key: &[u8]) -> Option<LaneKey> {
-    key.get(..32)?.try_into().ok()
 }
 
 /// The smallest key after every key of `lane`: where the next lane begins.

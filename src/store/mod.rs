@@ -1,49 +1,56 @@
-//! The durable store: sled trees behind a short list of domain operations.
+//! The durable store: a journal of our own as the source of truth, sled as
+//! the index behind it, and a short list of domain operations.
 //!
-//! Trees, one per access path (keys in `keys`):
+//! Every change (a submission with its body, a claim, an answer with its
+//! response, a delete...) is appended to the journal (`journal`) by the one
+//! writer thread (`writer`), in rounds that share one `fdatasync`; only
+//! then is it applied to sled (`change::apply`, one transaction a round)
+//! and answered. sled is flushed every half second by the checkpointer,
+//! with the journal position its trees reflect (`meta/checkpoint`); after
+//! a crash, `open` applies the journal from there (`recovery`). So a
+//! submission costs one journal append and one shared fsync, and sled
+//! never sits on the path to a 202.
+//!
+//! Trees (keys in `keys`):
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `records` | id | `RequestRecord` |
-//! | `body_refs` | body segment, id, kind | — (which segments are in use) |
-//! | `responses` | id | `ResponseHead` |
-//! | `sealed` | id | the sealed credential |
+//! | `records` | id | `RequestRecord` (sealed credential, where body and response are) |
 //! | `lanes` | lane, seq | id — the per-credential FIFO queues |
-//! | `by_status` | status, id | — (recovery, admin listing) |
-//! | `expiry` | expires at, id | — (retention sweep) |
+//! | `by_status` | status, id | — (`started` and `unknown` only) |
+//! | `expiry` | expires at, id | — (retention, oldest first) |
 //! | `callbacks` | due at, id | attempts so far |
-//! | `counters` | status, or `p` + lane | count (sled's `len()` walks a tree) |
+//! | `counters` | status; `p` + lane; `s` + segment | count |
+//! | `meta` | `format`, `checkpoint` | |
 //!
-//! Bodies live in segment files (`bodies`), referenced from the records.
-//! Every change touching several trees is one transaction (`tx`). Nothing
-//! is durable until its `Ticket` is waited for (`flusher`).
+//! Journal segments are deleted whole, once no record references a blob in
+//! them and the checkpoint is past them: retention drops time-ordered
+//! ranges of `expiry` in one change each, and the files go with them.
 
-mod bodies;
+mod change;
 mod codec;
-mod combine;
 mod fatal;
-mod flusher;
+mod journal;
 mod keys;
-mod lanes;
-mod settle;
-mod tx;
+mod ops;
+mod recovery;
+mod writer;
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use sled::IVec;
 
 pub use fatal::Fatal;
-pub use flusher::Ticket;
-pub use lanes::Claim;
-pub use settle::Settle;
-pub use tx::{Completion, NewRequest, Recovered};
+pub use ops::{Completion, NewRequest, Recovered, Settle};
 
-use crate::model::{BodyRef, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
-use bodies::Bodies;
-use flusher::Flusher;
+use crate::model::{LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use change::{BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, LANES, META, RECORDS, TREES};
+use journal::{Journal, Position};
+use writer::Writer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,6 +62,8 @@ pub enum StoreError {
     Codec(String),
     #[error("data dir {0} is in use by another running gateway")]
     Locked(PathBuf),
+    #[error("{0}")]
+    Format(String),
     #[error("the write did not reach the disk")]
     NotDurable,
     #[error("the store is closed")]
@@ -71,17 +80,34 @@ pub enum StoreError {
     TooLarge(usize),
 }
 
+/// What a claim found for one dispatch slot.
+#[derive(Debug)]
+pub enum Claim {
+    /// The request, now `started` (durably): send it.
+    Got(Box<RequestRecord>),
+    /// The lane has nothing (more) queued.
+    Empty,
+    /// A stale lane entry was dropped; the lane may hold more.
+    Skipped,
+}
+
 /// The largest value kept in sled. sled writes a node whose encoding passes
 /// a quarter segment (256 KiB with our 1 MiB segments) as a blob file it
 /// never fsyncs. A leaf splits past 16 entries, only on a later traversal,
 /// and a merge can add a few more: about 20 at worst, so 22 × 11 KiB
 /// still stays under that and every value is power-cut safe. Bodies and
-/// responses have no such limit: they live in segment files.
+/// responses have no such limit: they live in the journal.
 pub const MAX_VALUE: usize = 11 * 1024;
 
 /// sled's log segment size (its default is 512 KiB): sets the blob
 /// threshold `MAX_VALUE` is measured against.
 const SEGMENT_SIZE: usize = 1 << 20;
+
+/// The on-disk format this version writes (`meta/format`).
+const FORMAT: u8 = 2;
+
+/// How often sled is flushed and the checkpoint moved on.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 pub struct StoreConfig {
     pub path: PathBuf,
@@ -89,51 +115,83 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
 }
 
-const TREES: [&str; 9] = [
-    "records",
-    "body_refs",
-    "responses",
-    "sealed",
-    "lanes",
-    "by_status",
-    "expiry",
-    "callbacks",
-    "counters",
-];
-
-pub struct Store {
+/// What the writer and checkpointer threads share with the store.
+pub(crate) struct Core {
     db: sled::Db,
-    /// In `TREES` order; `tx::Tx` names them.
+    /// In `change::TREES` order.
     trees: Vec<sled::Tree>,
-    flusher: Arc<Flusher>,
-    /// Request and response bodies, outside sled.
-    bodies: Arc<Bodies>,
-    /// Gathers concurrent submissions into one transaction.
-    submitter: combine::Combiner<NewRequest, Result<RequestRecord, StoreError>>,
-    /// Gathers attempts finishing together into one transaction.
-    settler: combine::Combiner<Settle, bool>,
-    flusher_thread: Mutex<Option<JoinHandle<()>>>,
-    /// Per data dir: credentials hash differently in every installation.
-    salt: [u8; 32],
+    journal: Journal,
+    /// sled's log file, fsync'd at each checkpoint.
+    log: File,
     /// Set once a write could not be made durable: nothing more is.
     fatal: Fatal,
+}
+
+pub struct Store {
+    core: Arc<Core>,
+    writer: Arc<Writer>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    checkpoints: Arc<(Mutex<bool>, Condvar)>,
+    /// Per data dir: credentials hash differently in every installation.
+    salt: [u8; 32],
     /// The data dir (its file system's free space is watched).
     path: PathBuf,
 }
 
+impl Core {
+    fn tree(&self, i: usize) -> &sled::Tree {
+        &self.trees[i]
+    }
+
+    /// Flushes sled and moves the durable checkpoint on; then deletes the
+    /// journal segments no record needs and recovery can no longer read.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let at: Option<Position> = match self.tree(META).get("checkpoint")? {
+            Some(v) => Some(codec::decode(&v)?),
+            None => None,
+        };
+        let current = self.journal.current();
+        let mut dead = Vec::new();
+        if let Some(at) = at {
+            for s in journal::segments(self.journal.dir())? {
+                let unused = self.tree(COUNTERS).get(keys::segment(s))?.is_none();
+                if s < at.segment && s != current && unused {
+                    dead.push(s);
+                }
+            }
+        }
+        let flushed = self
+            .db
+            .flush()
+            .map_err(StoreError::from)
+            .and_then(|_| Ok(self.log.sync_data()?));
+        if let Err(e) = flushed {
+            self.fatal
+                .fail(format!("flushing the index to disk failed: {e}"));
+            return Err(e);
+        }
+        if !dead.is_empty() {
+            self.journal.remove(&dead)?;
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        bodies::create_dir_durably(&config.path)?;
+        create_dir_durably(&config.path)?;
+        recovery::refuse_old_format(&config.path)?;
         let db = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity)
             .segment_size(SEGMENT_SIZE)
             // No flusher thread of sled's own: it only logs the errors of
-            // its periodic fsync. Our flusher flushes and fsyncs on every
-            // round and treats a failure as fatal.
+            // its periodic fsync. The checkpointer flushes and fsyncs, and
+            // treats a failure as fatal.
             .flush_every_ms(None)
             .open()
             .map_err(|e| classify_open_error(e, &config.path))?;
+        recovery::check_format(&db, &config.path)?;
         let trees = TREES
             .iter()
             .map(|name| db.open_tree(name))
@@ -143,28 +201,45 @@ impl Store {
             .read(true)
             .write(true)
             .open(config.path.join("db"))?;
-        let bodies = Arc::new(Bodies::open(&config.path.join("bodies"))?);
-        // sled writes its `conf` file without an fsync: make it durable, and
-        // sled's own files (`conf`, `db`, `blobs/`), new entries, with it.
-        std::fs::File::open(config.path.join("conf"))?.sync_all()?;
-        std::fs::File::open(&config.path)?.sync_all()?;
-        let fatal = Fatal::default();
-        let (flusher, thread) = Flusher::start(db.clone(), log, bodies.clone(), fatal.clone());
-        let store = Store {
+        let journal = Journal::open(&config.path.join("journal"))?;
+        let core = Arc::new(Core {
             db,
             trees,
-            flusher,
-            bodies,
-            submitter: Default::default(),
-            settler: Default::default(),
-            flusher_thread: Mutex::new(Some(thread)),
+            journal,
+            log,
+            fatal: Fatal::default(),
+        });
+        // The journal's tail the trees had not caught up with.
+        let replayed = recovery::replay(&core)?;
+        if replayed > 0 {
+            log::info!("applied {replayed} journal entries written after the last checkpoint");
+        }
+        core.checkpoint()?;
+        // sled writes its `conf` file without an fsync: make it durable, and
+        // sled's own files (`conf`, `db`, `blobs/`, `journal/`), new
+        // entries, with it.
+        File::open(config.path.join("conf"))?.sync_all()?;
+        File::open(&config.path)?.sync_all()?;
+        let writer = Arc::new(Writer::new());
+        let checkpoints = Arc::new((Mutex::new(false), Condvar::new()));
+        let threads = vec![
+            spawn("asyncgate-writer", {
+                let (w, c) = (writer.clone(), core.clone());
+                move || w.run(&c)
+            }),
+            spawn("asyncgate-checkpoint", {
+                let (c, stop) = (core.clone(), checkpoints.clone());
+                move || checkpoint_loop(&c, &stop)
+            }),
+        ];
+        Ok(Store {
+            core,
+            writer,
+            threads: Mutex::new(threads),
+            checkpoints,
             salt,
-            fatal,
             path: config.path.clone(),
-        };
-        // The salt (and anything else written on open) is durable at once.
-        store.flusher.wait_blocking(store.flusher.ticket())?;
-        Ok(store)
+        })
     }
 
     pub fn salt(&self) -> &[u8; 32] {
@@ -187,65 +262,52 @@ impl Store {
 
     /// The failure switch: the app stops the process once it is set.
     pub fn fatal(&self) -> &Fatal {
-        &self.fatal
-    }
-
-    /// Makes every body appended so far durable: call before writing a
-    /// record that names one. A failure is fatal.
-    pub(super) fn sync_bodies(&self) -> Result<(), StoreError> {
-        self.bodies.sync().map_err(|e| {
-            self.fatal
-                .fail(format!("fsync of the body files failed: {e}"));
-            StoreError::NotDurable
-        })
+        &self.core.fatal
     }
 
     fn tree(&self, i: usize) -> &sled::Tree {
-        &self.trees[i]
+        self.core.tree(i)
     }
 
-    /// Waits until every write made before `ticket` was taken is on disk.
-    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
-        self.flusher.wait(ticket).await
-    }
-
-    /// A ticket for everything written so far.
-    pub fn ticket(&self) -> Ticket {
-        self.flusher.ticket()
-    }
-
-    /// Flushes everything and stops the flusher thread.
+    /// Finishes the queued writes, stops the threads and checkpoints.
     pub fn close(&self) -> Result<(), StoreError> {
-        let t = self.flusher.ticket();
-        let r = self.flusher.wait_blocking(t);
-        self.flusher.stop();
-        let thread = self
-            .flusher_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(thread) = thread {
-            let _ = thread.join();
+        self.stop_threads();
+        if let Some(why) = self.core.fatal.failed() {
+            return Err(StoreError::Unavailable(why));
         }
-        r
+        self.core.checkpoint()
+    }
+
+    /// Lets the writer finish what is queued; later writes get `Closed`.
+    fn stop_threads(&self) {
+        self.writer.stop();
+        {
+            let (stop, wake) = &*self.checkpoints;
+            *stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            wake.notify_all();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     pub fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
-        match self.tree(tx::RECORDS).get(id.as_bytes())? {
+        match self.tree(RECORDS).get(id.as_bytes())? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
         }
     }
 
     pub fn request_body(&self, rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
-        self.read_body(rec.body)
+        match rec.body {
+            Some(r) => Ok(self.core.journal.read(&r)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn sealed_credential(&self, id: &RequestId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tree(tx::SEALED)
-            .get(id.as_bytes())?
-            .map(|v| v.to_vec()))
+        Ok(self.get(id)?.map(|r| r.sealed).filter(|s| !s.is_empty()))
     }
 
     /// Whether any credential is sealed: then the key file must exist.
@@ -254,68 +316,40 @@ impl Store {
     }
 
     /// One sealed credential with its request id: the start-up check that
-    /// the key file is the one these were sealed with.
+    /// the key file is the one these were sealed with. Looks where sealed
+    /// credentials are (queued, started, unknown), never at every record.
     pub fn first_sealed(&self) -> Result<Option<(RequestId, Vec<u8>)>, StoreError> {
-        Ok(self
-            .tree(tx::SEALED)
-            .first()?
-            .and_then(|(k, v)| Some((keys::id_from(&k)?, v.to_vec()))))
+        let queued = self.tree(LANES).iter().values().take(1);
+        let indexed = self.tree(BY_STATUS).iter().keys().take(16);
+        for key in queued.chain(indexed) {
+            let key = key?;
+            let id = if key.len() == 16 { &key[..] } else { &key[1..] };
+            if let Some(id) = keys::id_from(id)
+                && let Some(sealed) = self.sealed_credential(&id)?
+            {
+                return Ok(Some((id, sealed)));
+            }
+        }
+        Ok(None)
     }
 
     /// The stored response head and, unless it was too large, its body.
     pub fn response(&self, id: &RequestId) -> Result<Option<(ResponseHead, Vec<u8>)>, StoreError> {
-        let Some(head) = self.response_head(id)? else {
+        let Some(refs) = self.get(id)?.and_then(|r| r.response) else {
             return Ok(None);
         };
-        let body = self.read_body(head.body)?;
+        let mut head: ResponseHead = codec::decode(&self.core.journal.read(&refs.head)?)?;
+        head.body = refs.body;
+        let body = match refs.body {
+            Some(r) => self.core.journal.read(&r)?,
+            None => Vec::new(),
+        };
         Ok(Some((head, body)))
-    }
-
-    /// The response head.
-    fn response_head(&self, id: &RequestId) -> Result<Option<ResponseHead>, StoreError> {
-        let Some((at, _)) = self.response_refs(id)? else {
-            return Ok(None);
-        };
-        Ok(Some(codec::decode(&self.bodies.read(&at)?)?))
-    }
-
-    /// Where the response head and body are, without reading either.
-    fn response_refs(
-        &self,
-        id: &RequestId,
-    ) -> Result<Option<(BodyRef, Option<BodyRef>)>, StoreError> {
-        match self.tree(tx::RESPONSES).get(id.as_bytes())? {
-            Some(v) => Ok(Some(codec::decode(&v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn read_body(&self, body: Option<BodyRef>) -> Result<Vec<u8>, StoreError> {
-        match body {
-            Some(r) => Ok(self.bodies.read(&r)?),
-            None => Ok(Vec::new()),
-        }
-    }
-
-    /// Deletes body segments no request references any more, once the
-    /// changes that dropped the references are durable: a power cut must
-    /// never bring back a record pointing at a deleted file. Blocks (the
-    /// sweeper's thread).
-    pub fn delete_unused_bodies(&self) -> Result<usize, StoreError> {
-        let refs = self.tree(tx::BODY_REFS);
-        let unused = self
-            .bodies
-            .unused(|segment| refs.scan_prefix(segment.to_be_bytes()).next().is_some())?;
-        if unused.is_empty() {
-            return Ok(0);
-        }
-        self.flusher.wait_blocking(self.flusher.ticket())?;
-        Ok(self.bodies.remove(&unused)?)
     }
 
     /// Lanes with queued requests: one seek per lane, not a scan of queues.
     pub fn pending_lanes(&self) -> Result<Vec<LaneKey>, StoreError> {
-        let lanes = self.tree(tx::LANES);
+        let lanes = self.tree(LANES);
         let mut out = Vec::new();
         let mut next = lanes.first()?;
         while let Some((k, _)) = next {
@@ -331,30 +365,48 @@ impl Store {
         Ok(out)
     }
 
-    /// Requests in a status, oldest first, after `after` (paging).
+    /// Requests queued in `lane`.
+    pub fn pending_in_lane(&self, lane: &LaneKey) -> Result<u64, StoreError> {
+        Ok(self
+            .tree(COUNTERS)
+            .get(keys::pending(lane))?
+            .map_or(0, |v| codec::u64_be(&v)))
+    }
+
+    /// Requests in a status, oldest first for `started` and `unknown` (by
+    /// id for the others), after `after` (paging).
     pub fn list(
         &self,
         status: Status,
         after: Option<&RequestId>,
         limit: usize,
     ) -> Result<Vec<RequestRecord>, StoreError> {
-        let start = match after {
-            Some(id) => keys::status(status, id).to_vec(),
-            None => vec![status.code()],
-        };
         let mut out = Vec::new();
-        for item in self.tree(tx::BY_STATUS).range(start..) {
-            let (k, _) = item?;
-            if k.first() != Some(&status.code()) || out.len() >= limit {
+        if change::indexed(status) {
+            let start = match after {
+                Some(id) => keys::status(status, id).to_vec(),
+                None => vec![status.code()],
+            };
+            for item in self.tree(BY_STATUS).range(start..).keys() {
+                let k = item?;
+                if k.first() != Some(&status.code()) || out.len() >= limit {
+                    break;
+                }
+                match keys::id_from(&k[1..]) {
+                    Some(id) if Some(&id) != after => out.extend(self.get(&id)?),
+                    _ => {}
+                }
+            }
+            return Ok(out);
+        }
+        // Unindexed (queued or done: the many): a walk of the records.
+        let start = after.map_or_else(Vec::new, |id| id.as_bytes().to_vec());
+        for item in self.tree(RECORDS).range(start..).values() {
+            if out.len() >= limit {
                 break;
             }
-            let Some(id) = keys::id_from(&k[1..]) else {
-                continue;
-            };
-            if Some(&id) == after {
-                continue;
-            }
-            if let Some(rec) = self.get(&id)? {
+            let rec: RequestRecord = codec::decode(&item?)?;
+            if rec.status == status && Some(&rec.id) != after {
                 out.push(rec);
             }
         }
@@ -366,7 +418,7 @@ impl Store {
         Status::ALL
             .iter()
             .map(|&s| {
-                let n = self.tree(tx::COUNTERS).get([s.code()])?;
+                let n = self.tree(COUNTERS).get([s.code()])?;
                 Ok((s, n.map(|v| codec::u64_be(&v)).unwrap_or(0)))
             })
             .collect()
@@ -374,7 +426,7 @@ impl Store {
 
     /// When the earliest pending callback is due.
     pub fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
-        self.first_due(tx::CALLBACKS)
+        self.first_due(CALLBACKS)
     }
 
     /// Callbacks due by `now_ms`: (due at, id, attempts so far).
@@ -384,7 +436,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(u64, RequestId, u32)>, StoreError> {
         Ok(self
-            .due(tx::CALLBACKS, now_ms, limit)?
+            .due(CALLBACKS, now_ms, limit)?
             .into_iter()
             .map(|(at, id, v)| (at, id, codec::decode(&v).unwrap_or(0)))
             .collect())
@@ -392,13 +444,13 @@ impl Store {
 
     /// When the earliest retention ends.
     pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
-        self.first_due(tx::EXPIRY)
+        self.first_due(EXPIRY)
     }
 
-    /// Ids whose retention ended by `now_ms`, oldest first.
+    /// Expiry entries due by `now_ms`, oldest first.
     pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError> {
         Ok(self
-            .due(tx::EXPIRY, now_ms, limit)?
+            .due(EXPIRY, now_ms, limit)?
             .into_iter()
             .map(|(at, id, _)| (at, id))
             .collect())
@@ -435,6 +487,56 @@ impl Store {
     }
 }
 
+/// Without `close` (a test, an error path): what is acknowledged is in the
+/// journal already; only the threads are stopped, no checkpoint taken.
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawning a store thread")
+}
+
+fn checkpoint_loop(core: &Core, stop: &(Mutex<bool>, Condvar)) {
+    let (stopped, wake) = stop;
+    loop {
+        let guard = stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = wake
+            .wait_timeout_while(guard, CHECKPOINT_EVERY, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        if *guard || core.fatal.failed().is_some() {
+            return;
+        }
+        drop(guard);
+        if let Err(e) = core.checkpoint() {
+            log::error!("checkpoint: {e}");
+        }
+    }
+}
+
+/// Creates `dir` (and missing parents) and makes each new entry durable by
+/// fsyncing the directory that holds it: a power cut must not lose a
+/// directory whose files were acknowledged.
+pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        at = d.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
+        File::open(parent.unwrap_or(Path::new(".")))?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn classify_open_error(e: sled::Error, path: &Path) -> StoreError {
     match &e {
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
@@ -456,6 +558,7 @@ fn load_or_make_salt(db: &sled::Db) -> Result<[u8; 32], StoreError> {
     getrandom::getrandom(&mut salt)
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
     db.insert("salt", &salt[..])?;
+    db.flush()?;
     Ok(salt)
 }
 

@@ -271,7 +271,7 @@ async fn a_body_that_cannot_be_read_keeps_the_request_enqueued_never_unknown() {
         app
     };
     // ...its body lost from under it...
-    for entry in std::fs::read_dir(data_dir.path().join("data/bodies")).unwrap() {
+    for entry in std::fs::read_dir(data_dir.path().join("data/journal")).unwrap() {
         let path = entry.unwrap().path();
         std::fs::write(&path, b"").unwrap();
     }
