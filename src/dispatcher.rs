@@ -137,15 +137,21 @@ pub async fn run(
             (a, b) => a.or(b),
         });
         tokio::select! {
-            ev = chan.rx.recv() => match ev {
-                Some(Event::Queued(lane)) => sched.queued(lane),
-                Some(Event::Finished(lane, fb)) => sched.finished(lane, Instant::now(), fb),
-                Some(Event::Panicked(id)) => {
-                    log::error!("the attempt for request {id} panicked; the engine stops (it stays `started` and is recovered on the next start)");
-                    return Err(EngineFailure::Panicked(id));
+            ev = chan.rx.recv() => {
+                let Some(ev) = ev else { break };
+                // Everything that arrived meanwhile too: the next dispatch
+                // then claims every freed slot in one store round, instead
+                // of one round per finished attempt.
+                let mut next = Some(ev);
+                while let Some(ev) = next {
+                    if let Event::Panicked(id) = ev {
+                        log::error!("the attempt for request {id} panicked; the engine stops (it stays `started` and is recovered on the next start)");
+                        return Err(EngineFailure::Panicked(id));
+                    }
+                    apply_event(&mut sched, ev);
+                    next = chan.rx.try_recv().ok();
                 }
-                None => break,
-            },
+            }
             _ = sleep_opt(sleep_until) => {
                 if give_up_at.is_some_and(|t| t <= Instant::now()) {
                     log::warn!("{} upstream calls still running at the shutdown deadline; they stay `started` and are recovered on the next start", sched.in_flight());
@@ -162,6 +168,14 @@ pub async fn run(
     }
     log::info!("dispatcher stopped");
     Ok(())
+}
+
+fn apply_event(sched: &mut Scheduler, ev: Event) {
+    match ev {
+        Event::Queued(lane) => sched.queued(lane),
+        Event::Finished(lane, fb) => sched.finished(lane, Instant::now(), fb),
+        Event::Panicked(_) => {}
+    }
 }
 
 /// After a flood of credentials has drained, glibc keeps the freed pages

@@ -141,7 +141,10 @@ impl Gateway {
             .arg("--data-dir")
             .arg(data)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_GATEWAY_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("start the gateway");

@@ -253,36 +253,51 @@ impl super::Core {
         now_ms: u64,
         claimed: &mut std::collections::HashMap<LaneKey, usize>,
     ) -> Result<Vec<WithBlobs>, StoreError> {
-        let mut out = Vec::with_capacity(lanes.len());
+        // Each lane's heads read once: a lane named k times takes its
+        // first k entries not yet taken by this round.
+        let mut heads: std::collections::HashMap<LaneKey, std::vec::IntoIter<Change>> =
+            Default::default();
         for lane in lanes {
-            let skip = claimed.entry(*lane).or_default();
-            let head = self
+            if heads.contains_key(lane) {
+                continue;
+            }
+            let wanted = lanes.iter().filter(|l| *l == lane).count();
+            let taken = claimed.entry(*lane).or_default();
+            let mut found = Vec::with_capacity(wanted);
+            for item in self
                 .tree(super::change::LANES)
                 .scan_prefix(lane)
-                .nth(*skip)
-                .transpose()?;
-            *skip += 1;
-            let change = head.and_then(|(k, v)| {
-                let seq = codec::u64_be(k.get(32..)?);
-                Some(Change::Claim {
+                .skip(*taken)
+                .take(wanted)
+            {
+                let (k, v) = item?;
+                let (Some(seq), Some(id)) = (k.get(32..), keys::id_from(&v)) else {
+                    continue;
+                };
+                found.push(Change::Claim {
                     lane: *lane,
-                    seq,
-                    id: keys::id_from(&v)?,
+                    seq: codec::u64_be(seq),
+                    id,
                     now_ms,
-                })
-            });
-            // No head: an empty claim, answered without a journal entry.
-            out.push((
-                change.unwrap_or(Change::Claim {
+                });
+            }
+            *taken += wanted;
+            heads.insert(*lane, found.into_iter());
+        }
+        Ok(lanes
+            .iter()
+            .map(|lane| {
+                // No head: an empty claim, answered without a journal entry.
+                let change = heads.get_mut(lane).and_then(Iterator::next);
+                let change = change.unwrap_or(Change::Claim {
                     lane: *lane,
                     seq: u64::MAX,
                     id: crate::model::RequestId([0; 16]),
                     now_ms,
-                }),
-                vec![],
-            ));
-        }
-        Ok(out)
+                });
+                (change, vec![])
+            })
+            .collect())
     }
 
     /// Writes the round's entries in one go. `None` when the journal
