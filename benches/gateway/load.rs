@@ -20,6 +20,9 @@ pub struct Load {
     pub duration: Duration,
     /// The status every answer must have.
     pub expect: u16,
+    /// Requests a second at most, spread evenly (an open-loop load while
+    /// the gateway keeps up); `None`: as fast as answers come.
+    pub rate: Option<f64>,
 }
 
 pub struct Stats {
@@ -76,6 +79,13 @@ async fn drive(load: Load) -> Stats {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= load.requests || Instant::now() >= deadline {
                     break;
+                }
+                if let Some(rate) = load.rate {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    if due >= deadline {
+                        break;
+                    }
+                    actix_web::rt::time::sleep_until(due.into()).await;
                 }
                 let url = load.url.replace("{i}", &i.to_string());
                 let mut req = client.request(load.method.parse().expect("method"), url);

@@ -5,12 +5,13 @@
 //!     cargo bench --bench gateway              # full run, writes benches/RESULTS.md
 //!     cargo bench --bench gateway -- --quick   # seconds; CI runs it so it cannot rot
 //!     cargo bench --bench gateway -- --only pending   # one scenario: accept, polls, e2e,
-//!                                                     # dispatch, pending or sweep
+//!                                                     # dispatch, pending, sweep or steady
 //!
 //! Timings never fail anything: the table says which targets were met.
 
 mod load;
 mod servers;
+mod steady;
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -21,15 +22,19 @@ use asyncgate::store::{Claim, Completion, NewRequest, Settle, Store, StoreConfig
 use load::{Load, Stats, percentile};
 use servers::{Gateway, Upstream};
 
+#[derive(Clone)]
 struct Sizes {
     load_secs: u64,
+    /// The steady state: how long, and the retention it runs with.
+    steady_secs: u64,
+    steady_retention_secs: u64,
     e2e: usize,
     dispatch_samples: usize,
     pending: usize,
     sweep: usize,
 }
 
-struct Row {
+pub(crate) struct Row {
     scenario: &'static str,
     figure: String,
     baseline: String,
@@ -38,7 +43,7 @@ struct Row {
     met: bool,
 }
 
-const BODY_1K: usize = 1024;
+pub(crate) const BODY_1K: usize = 1024;
 /// The heading of RESULTS.md's hand-written part, kept across runs.
 const FINDINGS: &str = "## What the profiles showed";
 
@@ -47,6 +52,8 @@ fn main() {
     let sizes = if quick {
         Sizes {
             load_secs: 2,
+            steady_secs: 60,
+            steady_retention_secs: 10,
             e2e: 3_000,
             dispatch_samples: 50,
             pending: 5_000,
@@ -55,6 +62,8 @@ fn main() {
     } else {
         Sizes {
             load_secs: 10,
+            steady_secs: 1800,
+            steady_retention_secs: 60,
             e2e: 100_000,
             dispatch_samples: 500,
             pending: 1_000_000,
@@ -79,9 +88,12 @@ fn main() {
         eprintln!("status polls ...");
         rows.push(polls(&sizes, &upstream_url, &up_state, &dir("polls")));
     }
+    let mut drain_rate = None;
     if run("e2e") {
         eprintln!("end to end ...");
-        rows.push(end_to_end(&sizes, &upstream_url, &up_state, &dir("e2e")));
+        let (row, rate) = end_to_end(&sizes, &upstream_url, &up_state, &dir("e2e"));
+        rows.push(row);
+        drain_rate = Some(rate);
     }
     if run("dispatch") {
         eprintln!("idle dispatch latency ...");
@@ -104,6 +116,24 @@ fn main() {
             &up_state,
             &dir("sweep-idle"),
             &dir("sweep"),
+        ));
+    }
+
+    if run("steady") {
+        // 70% of the drain rate measured in this run (a small drain first
+        // when the end-to-end scenario did not run).
+        let rate = drain_rate.unwrap_or_else(|| {
+            let small = Sizes { e2e: 3_000, ..sizes.clone() };
+            end_to_end(&small, &upstream_url, &up_state, &dir("e2e-small")).1
+        });
+        eprintln!("steady state for {} s ...", sizes.steady_secs);
+        rows.push(steady::steady(
+            sizes.steady_secs,
+            sizes.steady_retention_secs,
+            rate,
+            &upstream_url,
+            &up_state,
+            &dir("steady"),
         ));
     }
 
@@ -132,10 +162,11 @@ fn post_load(url: String, concurrency: usize, requests: usize, secs: u64) -> Loa
         requests,
         duration: Duration::from_secs(secs),
         expect: 202,
+        rate: None,
     }
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
@@ -203,6 +234,7 @@ fn polls(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Ro
         requests: usize::MAX,
         duration: Duration::from_secs(s.load_secs),
         expect,
+        rate: None,
     };
     let base = servers::small_json();
     let baseline = load::run(get(format!("http://{}/status.json", base.addr), 200));
@@ -226,7 +258,7 @@ fn polls(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Ro
     }
 }
 
-fn end_to_end(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Row {
+fn end_to_end(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> (Row, f64) {
     // Baseline: the same requests straight to the upstream with awc.
     up.refuse.store(false, Ordering::Relaxed);
     let mut direct = post_load(format!("{upstream}/api/v2/bench.json"), 64, s.e2e, 600);
@@ -255,14 +287,15 @@ fn end_to_end(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) 
     let rate = queued.done as f64 / t.elapsed().as_secs_f64();
     drop(gw);
     let ratio = rate / baseline.rate();
-    Row {
+    let row = Row {
         scenario: "end to end: queued requests drained through a fast upstream",
         figure: format!("{} drained at {rate:.0}/s", queued.done),
         baseline: format!("direct awc to the upstream: {:.0}/s", baseline.rate()),
         ratio: Some(ratio),
         target: "≥ 0.25×",
         met: ratio >= 0.25,
-    }
+    };
+    (row, rate)
 }
 
 fn dispatch_latency(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> Vec<Row> {
@@ -450,7 +483,7 @@ fn sweep(
     }
 }
 
-fn done_count(base: &str) -> String {
+pub(crate) fn done_count(base: &str) -> String {
     actix_web::rt::System::new().block_on(async {
         let mut res = awc::Client::default()
             .get(format!("{base}/metrics"))

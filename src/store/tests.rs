@@ -1,4 +1,6 @@
+use super::change::RECORDS;
 use super::*;
+use crate::model::{LaneKey, RequestId, ResponseHead, Status};
 use crate::model::{Callback, CallbackMethod, Outcome};
 
 fn open(dir: &Path) -> Store {
