@@ -4,6 +4,7 @@
 //!
 //!     cargo bench --bench gateway              # full run, writes benches/RESULTS.md
 //!     cargo bench --bench gateway -- --quick   # seconds; CI runs it so it cannot rot
+//!     cargo bench --bench gateway -- --steady-secs 300   # a shorter steady state (default 1800)
 //!     cargo bench --bench gateway -- --only pending   # one scenario: accept, polls, e2e,
 //!                                                     # dispatch, pending, sweep or steady
 //!
@@ -70,6 +71,16 @@ fn main() {
             sweep: 1_000_000,
         }
     };
+    // `--steady-secs N` shortens the steady state of a full run (its
+    // table says how long it ran).
+    let mut sizes = sizes;
+    if let Some(n) = std::env::args()
+        .skip_while(|a| a != "--steady-secs")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+    {
+        sizes.steady_secs = n;
+    }
     let up_state = Upstream::default();
     let up = servers::upstream(up_state.clone());
     let upstream_url = format!("http://{}", up.addr);
@@ -123,7 +134,10 @@ fn main() {
         // 70% of the drain rate measured in this run (a small drain first
         // when the end-to-end scenario did not run).
         let rate = drain_rate.unwrap_or_else(|| {
-            let small = Sizes { e2e: 3_000, ..sizes.clone() };
+            let small = Sizes {
+                e2e: 3_000,
+                ..sizes.clone()
+            };
             end_to_end(&small, &upstream_url, &up_state, &dir("e2e-small")).1
         });
         eprintln!("steady state for {} s ...", sizes.steady_secs);

@@ -149,7 +149,16 @@ impl Journal {
                 Ok(at)
             }
             Err(e) => {
-                let _ = w.file.set_len(at.offset);
+                // Cut back, durably: refused entries must not come back
+                // whole after a power cut. If that fails, nothing can be
+                // said of the file any more (the caller treats a non-space
+                // error as fatal).
+                w.file
+                    .set_len(at.offset)
+                    .and_then(|_| w.file.sync_data())
+                    .map_err(|undo| {
+                        std::io::Error::other(format!("{e}, and cutting it back failed: {undo}"))
+                    })?;
                 Err(e)
             }
         }
@@ -182,6 +191,10 @@ impl Journal {
 
     /// Calls `f` with every whole entry from `from` on, in order, with the
     /// position of its frame; stops each segment at its first torn entry.
+    ///
+    /// Each segment is fsync'd before it is read: what a killed process
+    /// wrote but never synced may still be in the page cache, and must not
+    /// be applied (and named by records) unless it is on disk.
     pub fn replay(
         &self,
         from: Position,
@@ -193,7 +206,9 @@ impl Journal {
             if segment < from.segment || segment >= current {
                 continue;
             }
-            let data = fs::read(segment_path(&self.dir, segment))?;
+            let path = segment_path(&self.dir, segment);
+            File::open(&path)?.sync_all()?;
+            let data = fs::read(&path)?;
             let mut offset = if segment == from.segment {
                 from.offset
             } else {

@@ -319,7 +319,10 @@ fn checkpoint_loop(core: &Core, stop: &(Mutex<bool>, Condvar)) {
         }
         drop(guard);
         if let Err(e) = core.checkpoint() {
-            log::error!("checkpoint: {e}");
+            // A flush, an fsync or a segment's deletion failed: as fatal as
+            // any failed fsync (SPEC §6).
+            core.fatal.fail(format!("checkpoint failed: {e}"));
+            return;
         }
     }
 }

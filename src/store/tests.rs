@@ -1,7 +1,7 @@
 use super::change::RECORDS;
 use super::*;
-use crate::model::{LaneKey, RequestId, ResponseHead, Status};
 use crate::model::{Callback, CallbackMethod, Outcome};
+use crate::model::{LaneKey, RequestId, ResponseHead, Status};
 
 fn open(dir: &Path) -> Store {
     Store::open(&StoreConfig {

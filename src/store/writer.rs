@@ -44,6 +44,8 @@ pub(super) enum Op {
 struct Queue {
     ops: Vec<(Op, Reply)>,
     stop: bool,
+    /// The writer thread is gone (a panic): nothing will answer.
+    dead: bool,
 }
 
 pub(super) struct Writer {
@@ -80,6 +82,10 @@ impl Writer {
         let mut q = self.lock();
         if q.stop {
             let _ = reply.send(Err(StoreError::Closed));
+        } else if q.dead {
+            let _ = reply.send(Err(StoreError::Unavailable(
+                "the store's writer stopped".into(),
+            )));
         } else {
             q.ops.push((op, reply));
             self.wake.notify_one();
@@ -107,15 +113,30 @@ impl Writer {
     }
 
     /// The writer thread's loop.
+    /// A panic in a round stops the store (fatal: the app exits and a
+    /// restart recovers) and answers everything queued, rather than leave
+    /// writers waiting on a thread that is gone.
     pub(super) fn run(&self, store: &super::Core) {
-        while let Some(ops) = self.take() {
-            if let Some(why) = store.fatal.failed() {
-                for (_, reply) in ops {
-                    let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            while let Some(ops) = self.take() {
+                if let Some(why) = store.fatal.failed() {
+                    for (_, reply) in ops {
+                        let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                    }
+                    continue;
                 }
-                continue;
+                store.round(ops);
             }
-            store.round(ops);
+        }));
+        if ran.is_err() {
+            store.fatal.fail("the store's writer panicked".into());
+            let mut q = self.lock();
+            q.dead = true;
+            for (_, reply) in q.ops.drain(..) {
+                let _ = reply.send(Err(StoreError::Unavailable(
+                    "the store's writer panicked".into(),
+                )));
+            }
         }
     }
 }
