@@ -89,6 +89,8 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     let metrics = Arc::new(Metrics::default());
     let callback_wake = Arc::new(Notify::new());
     let (stop, stop_rx) = watch::channel(false);
+    let pauses = dispatcher::Pauses::default();
+    raise_open_files_limit();
     let (handle, receiver) = dispatcher::channel();
 
     let ctx = dispatcher::Context {
@@ -115,6 +117,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         retention: args.retention,
         unknown_retention: args.unknown_retention,
         shutdown_timeout: args.shutdown_timeout,
+        pauses: pauses.clone(),
     };
     let dispatcher = tokio::task::spawn_local(dispatcher::run(ctx, receiver, stop_rx.clone()));
     let callbacks = Callbacks {
@@ -146,6 +149,9 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         min_free_disk: args.min_free_disk,
         public_url: args.public_url.clone(),
         admin_token: args.admin_token.clone(),
+        max_wait: args.max_wait,
+        shutdown: stop.subscribe(),
+        pauses,
     });
     let mut server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
@@ -229,6 +235,22 @@ pub async fn run_until_signal(mut running: Running) -> Result<(), AppError> {
             running.sweeper.stop();
             running.store.close()?;
             Err(AppError::Engine(why))
+        }
+    }
+}
+
+/// Held long-polls each keep a connection: raise the soft limit on open
+/// files to the hard one (SPEC §10: at least 10,000 may wait at once).
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit read and write a plain struct; no
+    // memory is kept past the calls.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::warn!("could not raise the open files limit: {}", std::io::Error::last_os_error());
+            }
         }
     }
 }

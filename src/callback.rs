@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::model::{CallbackMethod, RequestId, now_ms};
 use crate::net;
 use crate::scheduler::pacing::doubling;
-use crate::store::{Store, StoreError};
+use crate::store::{CallbackEntry, Store, StoreError};
 
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
 /// Callbacks being delivered at once, at most.
@@ -174,7 +174,7 @@ impl Callbacks {
     async fn start_due(
         &self,
         busy: &mut HashSet<RequestId>,
-    ) -> Result<Vec<(u64, RequestId, u32)>, StoreError> {
+    ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
         let free = IN_FLIGHT.saturating_sub(busy.len());
         if free == 0 {
             return Ok(Vec::new());
@@ -197,17 +197,22 @@ impl Callbacks {
         Ok(due)
     }
 
-    async fn deliver(&self, due_ms: u64, id: RequestId, attempts: u32) -> Result<(), StoreError> {
+    async fn deliver(
+        &self,
+        due_ms: u64,
+        id: RequestId,
+        entry: CallbackEntry,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let rec = match self.store.get(&id)? {
             Some(rec) if !rec.is_expired(now) => rec,
             _ => {
-                self.store.callback_finished(due_ms, &id).await?;
+                self.store.callback_finished(due_ms, &id, None).await?;
                 return Ok(());
             }
         };
         let (Some(cb), Some(outcome)) = (&rec.callback, &rec.outcome) else {
-            self.store.callback_finished(due_ms, &id).await?;
+            self.store.callback_finished(due_ms, &id, None).await?;
             return Ok(());
         };
         let params = [
@@ -227,7 +232,7 @@ impl Callbacks {
                 // can ever succeed, so retrying would only repeat this line.
                 log::warn!("callback for {id} given up: its URL is unusable ({e})");
                 self.metrics.callback_attempt(false);
-                self.store.callback_finished(due_ms, &id).await?;
+                self.store.callback_gave_up(due_ms, &id).await?;
                 return Ok(());
             }
         };
@@ -248,10 +253,15 @@ impl Callbacks {
                     .await
             }
         };
+        let mut code = None;
         let ok = match sent {
-            Ok(res) if res.status().is_success() => true,
+            Ok(res) if res.status().is_success() => {
+                code = Some(res.status().as_u16());
+                true
+            }
             Ok(res) => {
-                log::info!("callback for {id} answered {}", res.status().as_u16());
+                code = Some(res.status().as_u16());
+                log::warn!("callback for {id} answered {}", res.status().as_u16());
                 false
             }
             Err(e) if net::is_refused_address(&e) => {
@@ -273,19 +283,17 @@ impl Callbacks {
         };
         self.metrics.callback_attempt(ok);
         if ok {
-            self.store.callback_finished(due_ms, &id).await?;
+            self.store.callback_finished(due_ms, &id, code).await?;
             return Ok(());
         }
-        let attempts = attempts + 1;
+        let attempts = entry.attempts + 1;
         let (base, cap) = BACKOFF;
         let next = now + doubling(base, attempts, cap).as_millis() as u64;
         if rec.expires_ms.is_some_and(|e| next >= e) {
             log::warn!("callback for {id} given up after {attempts} attempts: retention ends");
-            self.store.callback_finished(due_ms, &id).await?;
+            self.store.callback_gave_up(due_ms, &id).await?;
         } else {
-            self.store
-                .callback_retry(due_ms, &id, next, attempts)
-                .await?;
+            self.store.callback_retry(due_ms, &id, next, code).await?;
         }
         Ok(())
     }

@@ -146,6 +146,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 
+    /// The longest a `Prefer: wait=N` holds an answer (a bare number is
+    /// seconds).
+    #[arg(long, env = "ASYNCGATE_MAX_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub max_wait: Duration,
+
     /// Bytes of the store's page cache (sled's estimate; RSS runs above it).
     #[arg(long, env = "ASYNCGATE_CACHE_CAPACITY", default_value = "16MiB", value_parser = parse_size)]
     pub cache_capacity: u64,

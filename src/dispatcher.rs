@@ -4,6 +4,7 @@
 //! thread: awc's client is `!Send`, and a single loop keeps the scheduler's
 //! state free of locks. HTTP handlers only store and wake it (`Handle`).
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
 use crate::model::{LaneKey, Outcome, RequestId, RequestRecord, is_idempotent, now_ms};
-use crate::scheduler::{Feedback, Hints, Limits, Next, Scheduler, pacing};
+use crate::scheduler::{Feedback, Hints, Limits, Next, PauseReason, Scheduler, pacing};
 use crate::store::{Claim, Completion, Settle, Store, StoreError};
 use crate::upstream::{Answer, Attempt, Upstream};
 
@@ -33,6 +34,41 @@ enum Event {
     Finished(LaneKey, Feedback),
     /// An attempt's task panicked: the engine cannot account for its slot.
     Panicked(RequestId),
+}
+
+/// Which lanes are paused, until when (wall-clock ms) and why: written by
+/// the loop as attempts finish, read by the status view (SPEC §10).
+#[derive(Clone, Default)]
+pub struct Pauses(Arc<std::sync::Mutex<HashMap<LaneKey, (u64, PauseReason)>>>);
+
+impl Pauses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LaneKey, (u64, PauseReason)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lane's pause, if it lasts beyond now.
+    pub fn of(&self, lane: &LaneKey) -> Option<(u64, PauseReason)> {
+        self.lock().get(lane).copied().filter(|(until, _)| *until > now_ms())
+    }
+
+    fn publish(&self, lane: LaneKey, sched: &Scheduler) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        match sched.pause_of(&lane, now) {
+            Some((until, why)) => {
+                let wall = now_ms().saturating_add((until - now).as_millis() as u64);
+                map.insert(lane, (wall, why));
+            }
+            None => {
+                map.remove(&lane);
+            }
+        }
+        // Pauses past their end are dropped now and then, not kept forever.
+        if map.len() > 1024 {
+            let now = now_ms();
+            map.retain(|_, (until, _)| *until > now);
+        }
+    }
 }
 
 /// How HTTP handlers (on other threads) wake the loop after a commit.
@@ -65,6 +101,8 @@ pub struct Context {
     pub retention: Duration,
     pub unknown_retention: Duration,
     pub shutdown_timeout: Duration,
+    /// Published for the status view.
+    pub pauses: Pauses,
 }
 
 pub fn channel() -> (Handle, Receiver) {
@@ -148,7 +186,7 @@ pub async fn run(
                         log::error!("the attempt for request {id} panicked; the engine stops (it stays `started` and is recovered on the next start)");
                         return Err(EngineFailure::Panicked(id));
                     }
-                    apply_event(&mut sched, ev);
+                    apply_event(&mut sched, &ctx.pauses, ev);
                     next = chan.rx.try_recv().ok();
                 }
             }
@@ -170,10 +208,13 @@ pub async fn run(
     Ok(())
 }
 
-fn apply_event(sched: &mut Scheduler, ev: Event) {
+fn apply_event(sched: &mut Scheduler, pauses: &Pauses, ev: Event) {
     match ev {
         Event::Queued(lane) => sched.queued(lane),
-        Event::Finished(lane, fb) => sched.finished(lane, Instant::now(), fb),
+        Event::Finished(lane, fb) => {
+            sched.finished(lane, Instant::now(), fb);
+            pauses.publish(lane, sched);
+        }
         Event::Panicked(_) => {}
     }
 }
@@ -326,7 +367,15 @@ async fn execute(ctx: &Context, rec: &RequestRecord) -> Feedback {
             };
             (op, Feedback::Answered(hints))
         }
-        Decision::Requeue(feedback) => (Settle::Requeue { id, claims }, feedback),
+        Decision::Requeue(feedback) => {
+            // Whether bytes may have reached the upstream: it counts as an
+            // attempt (SPEC §10 `attempts`).
+            let sent = matches!(
+                feedback,
+                Feedback::Refused { .. } | Feedback::FailedAfterSend { .. }
+            );
+            (Settle::Requeue { id, claims, sent }, feedback)
+        }
         Decision::Unknown => {
             log::warn!(
                 "request {id}: {} may have run: `unknown`, for an operator",
@@ -341,7 +390,8 @@ async fn execute(ctx: &Context, rec: &RequestRecord) -> Feedback {
             (op, Feedback::FailedAfterSend { requeued: false })
         }
     };
-    let done_with_callback = matches!(op, Settle::Complete { .. }) && rec.callback.is_some();
+    let done_with_callback = matches!(op, Settle::Complete { .. } | Settle::Unknown { .. })
+        && rec.callback.is_some();
     match settle(ctx, op).await {
         Ok(true) if done_with_callback => ctx.callbacks.notify_one(),
         Ok(_) => {}

@@ -225,6 +225,53 @@ pub struct RequestRecord {
     pub sealed: Vec<u8>,
     /// Where the stored response's head and body are, once done.
     pub response: Option<ResponseRefs>,
+    /// Sends to the upstream that may have written bytes, refused (429)
+    /// ones included, failed connects not (SPEC §10 `attempts`).
+    pub attempts: u32,
+    /// The `Idempotency-Key` it was stored under, if any.
+    pub idempotency: Option<Idempotency>,
+    /// Its latest callback event's progress, once one is due.
+    pub callback_state: Option<CallbackState>,
+}
+
+/// An `Idempotency-Key`, hashed (keys are per credential: the lane is part
+/// of the index key), and what the first submission with it asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub key: [u8; 32],
+    /// A hash of method, target and body: a reuse with another request is
+    /// refused.
+    pub fingerprint: [u8; 32],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallbackPhase {
+    Pending,
+    Delivered,
+    /// Its retention ended before a receiver took it.
+    GaveUp,
+}
+
+impl CallbackPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackPhase::Pending => "pending",
+            CallbackPhase::Delivered => "delivered",
+            CallbackPhase::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// A request's callback event: the n-th (from 1; `webhook-id` is
+/// `{id}_{n}`), for the status it announces, and how its delivery goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackState {
+    pub event: u32,
+    pub status: Status,
+    pub phase: CallbackPhase,
+    pub attempts: u32,
+    pub last_http_code: Option<u16>,
+    pub next_attempt_ms: Option<u64>,
 }
 
 impl RequestRecord {

@@ -415,6 +415,7 @@ fn populate_expired(data: &std::path::Path, n: usize) {
                     sealed_credential: vec![0; 40],
                     now_ms: long_ago,
                     max_pending: None,
+                    idempotency: None,
                 })
             });
             for r in futures_util::future::join_all(submits).await {

@@ -35,6 +35,10 @@ pub enum ApiError {
     TooManyPending(u64),
     #[error("the gateway is short of disk space; nothing was stored, retry later")]
     InsufficientStorage,
+    #[error("the request is being sent upstream and cannot be cancelled now")]
+    InFlight,
+    #[error("this Idempotency-Key was used for a different request (method, target or body)")]
+    IdempotencyKeyReused,
     #[error("storage unavailable")]
     Store(StoreError),
     #[error("internal error")]
@@ -47,6 +51,8 @@ impl From<StoreError> for ApiError {
             StoreError::NoSpace => ApiError::InsufficientStorage,
             StoreError::LaneFull(cap) => ApiError::TooManyPending(cap),
             StoreError::TooLarge(n) => ApiError::HeadersTooLarge(n),
+            StoreError::InFlight => ApiError::InFlight,
+            StoreError::IdempotencyReused => ApiError::IdempotencyKeyReused,
             other => ApiError::Store(other),
         }
     }
@@ -73,6 +79,8 @@ impl ApiError {
             ApiError::BodyUnreadable(_) => "body_unreadable",
             ApiError::TooManyPending(_) => "too_many_pending",
             ApiError::InsufficientStorage => "insufficient_storage",
+            ApiError::InFlight => "in_flight",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Store(StoreError::Codec(_) | StoreError::Transition(_)) => "internal_error",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Crypto(_) => "internal_error",
@@ -89,7 +97,8 @@ impl ResponseError for ApiError {
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::InFlight => StatusCode::CONFLICT,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             ApiError::TooManyPending(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,

@@ -4,8 +4,10 @@
 
 mod admin;
 mod error;
+mod prefer;
 mod query;
 mod submit;
+mod wait;
 
 use std::sync::Arc;
 
@@ -33,6 +35,12 @@ pub struct State {
     pub public_url: Option<String>,
     /// `--admin-token`: the admin API exists only when it is set.
     pub admin_token: Option<String>,
+    /// `--max-wait`: the longest `Prefer: wait`.
+    pub max_wait: std::time::Duration,
+    /// True once the gateway stops: held answers are given at once.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Which credentials' lanes are paused, and why (the dispatcher's).
+    pub pauses: dispatcher::Pauses,
 }
 
 /// The routes. The hot ones (submit, status, response) are static-prefix
@@ -42,8 +50,12 @@ pub struct State {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(query::healthz))
         .route("/metrics", web::get().to(query::metrics))
-        // Reserved: never forwarded (a listing endpoint comes later).
-        .service(web::resource("/async_api/v2/requests.json").to(not_found))
+        // Bulk status (SPEC §10); never forwarded.
+        .service(
+            web::resource("/async_api/v2/requests.json")
+                .route(web::post().to(wait::bulk))
+                .default_service(web::to(method_not_allowed)),
+        )
         .service(web::scope("/async_api/v2/requests").default_service(web::to(query::status)))
         .service(web::scope("/async_api/v2/responses").default_service(web::to(query::response)))
         .service(
@@ -70,6 +82,10 @@ fn reserved_file<'a>(req: &'a HttpRequest, prefix: &str) -> Result<&'a str, ApiE
         return Err(ApiError::MethodNotAllowed);
     }
     Ok(file)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -1,16 +1,18 @@
 //! Reads: status, the stored response, health and metrics. Every lookup
 //! answers the same 404 for an unknown, malformed, expired or foreign id.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{ApiError, State, reserved_file, single_header};
+use super::prefer::{Prefer, applied_wait};
+use super::{ApiError, State, reserved_file, single_header, wait};
 use crate::callback::response_url;
 use crate::crypto::{credential_hash, same_owner};
 use crate::model::{RequestId, RequestRecord, Status, format_time, now_ms};
+use crate::store::StoreError;
 
 /// The record behind `{id}.json`, if the caller's credential submitted it.
 fn find_owned(req: &HttpRequest, state: &State, file: &str) -> Result<RequestRecord, ApiError> {
@@ -27,21 +29,68 @@ fn find_owned(req: &HttpRequest, state: &State, file: &str) -> Result<RequestRec
     Ok(rec)
 }
 
+const STATUS_PATH: &str = "/async_api/v2/requests/";
+
+/// `GET` (held with `Prefer: wait=N`) and `DELETE` (cancel) of a request.
 pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
-    let file = reserved_file(&req, "/async_api/v2/requests/")?;
-    let rec = find_owned(&req, &state, file)?;
-    let view = StatusView::new(&rec, state.public_url.as_deref());
-    match &view.response_url {
-        Some(url) => Ok(HttpResponse::build(StatusCode::SEE_OTHER)
+    if req.method() == Method::DELETE {
+        return cancel(&req, &state).await;
+    }
+    let file = reserved_file(&req, STATUS_PATH)?;
+    let mut rec = find_owned(&req, &state, file)?;
+    let prefer = Prefer::of(&req, state.max_wait);
+    if let Some(wait) = prefer.wait
+        && !wait::settled(rec.status)
+    {
+        wait::until_settled(&state, &[rec.id], &rec.lane.clone(), wait).await;
+        rec = find_owned(&req, &state, file)?;
+    }
+    let mut res = status_answer(&rec, &state)?;
+    if let Some(wait) = prefer.wait {
+        res.headers_mut().insert(
+            HeaderName::from_static("preference-applied"),
+            HeaderValue::from_str(&applied_wait(wait)).map_err(|_| ApiError::NotFound)?,
+        );
+    }
+    Ok(res)
+}
+
+/// A status view as the status path answers it: 303 to the response once
+/// `done`, 200 otherwise.
+pub fn status_answer(rec: &RequestRecord, state: &State) -> Result<HttpResponse, ApiError> {
+    let view = StatusView::new(rec, state)?;
+    Ok(match &view.response_url {
+        Some(url) => HttpResponse::build(StatusCode::SEE_OTHER)
             .insert_header((header::LOCATION, url.as_str()))
-            .json(&view)),
-        None => Ok(HttpResponse::Ok().json(&view)),
+            .json(&view),
+        None => HttpResponse::Ok().json(&view),
+    })
+}
+
+/// `DELETE`: the owner cancels an `enqueued` request (never sent then) or
+/// deletes a finished one; a `started` one is 409 `in_flight`.
+async fn cancel(req: &HttpRequest, state: &State) -> Result<HttpResponse, ApiError> {
+    let file = req
+        .path()
+        .strip_prefix(STATUS_PATH)
+        .filter(|f| !f.is_empty() && !f.contains('/'))
+        .ok_or(ApiError::NotFound)?;
+    let rec = find_owned(req, state, file)?;
+    match state.store.cancel(&rec.id).await {
+        Ok(true) => {
+            log::info!("request {} cancelled by its owner", rec.id);
+            Ok(HttpResponse::NoContent().finish())
+        }
+        Ok(false) => Err(ApiError::NotFound),
+        Err(StoreError::InFlight) => Err(ApiError::InFlight),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// The status body (SPEC §2): the fields each status shows, in order.
+/// The status body (SPEC §2, with §10's extras where they apply): the
+/// fields each status shows, in order.
 #[derive(Serialize)]
-struct StatusView {
+pub struct StatusView {
     id: String,
     status: &'static str,
     created: String,
@@ -53,15 +102,40 @@ struct StatusView {
     response_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exec_time: Option<u64>,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ahead: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused_until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pause_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback: Option<CallbackView>,
+}
+
+#[derive(Serialize)]
+struct CallbackView {
+    state: &'static str,
+    attempts: u32,
+    last_http_code: Option<u16>,
+    next_attempt: Option<String>,
 }
 
 impl StatusView {
-    fn new(rec: &RequestRecord, public_url: Option<&str>) -> StatusView {
+    pub fn new(rec: &RequestRecord, state: &State) -> Result<StatusView, ApiError> {
+        let public_url = state.public_url.as_deref();
+        let queued = rec.status == Status::Enqueued;
+        let ahead = if queued {
+            Some(state.store.ahead(rec)?)
+        } else {
+            None
+        };
+        let paused = state.pauses.of(&rec.lane).filter(|_| queued);
         let done = match (rec.status, &rec.outcome) {
             (Status::Done, Some(o)) => Some(o),
             _ => None,
         };
-        StatusView {
+        Ok(StatusView {
             id: rec.id.to_string(),
             status: rec.status.as_str(),
             created: format_time(rec.created_ms),
@@ -72,13 +146,30 @@ impl StatusView {
             response_http_code: done.map(|o| o.code),
             response_url: done.map(|_| response_url(public_url, &rec.id)),
             exec_time: done.map(|o| o.exec_ms),
-        }
+            attempts: rec.attempts,
+            ahead,
+            paused_until: paused.map(|(until, _)| format_time(until)),
+            pause_reason: paused.map(|(_, why)| why.as_str()),
+            callback: rec.callback_state.filter(|_| rec.callback.is_some()).map(|c| {
+                CallbackView {
+                    state: c.phase.as_str(),
+                    attempts: c.attempts,
+                    last_http_code: c.last_http_code,
+                    next_attempt: c.next_attempt_ms.map(format_time),
+                }
+            }),
+        })
     }
 }
 
 pub async fn response(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
     let file = reserved_file(&req, "/async_api/v2/responses/")?;
     let rec = find_owned(&req, &state, file)?;
+    stored_response(&rec, &state)
+}
+
+/// The stored response of a `done` request, as it was received (SPEC §3).
+pub fn stored_response(rec: &RequestRecord, state: &State) -> Result<HttpResponse, ApiError> {
     let outcome = match (&rec.status, &rec.outcome) {
         (Status::Done, Some(o)) => o,
         _ => return Err(ApiError::NotFound),

@@ -6,17 +6,23 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{ApiError, State, single_header};
+use super::prefer::{self, Prefer, applied_wait};
+use super::query::{self, StatusView};
+use super::{ApiError, State, single_header, wait};
 use crate::crypto::{CryptoError, credential_hash};
-use crate::model::{Callback, CallbackMethod, RequestId, end_to_end, format_time, now_ms};
-use crate::store::NewRequest;
+use crate::model::{
+    Callback, CallbackMethod, RequestId, RequestRecord, Status, end_to_end, format_time, now_ms,
+};
+use crate::store::{NewRequest, Submitted};
 
 /// Request headers that are not forwarded besides the hop-by-hop ones:
 /// the upstream gets its own `Host` and `Content-Length`, the callback
-/// headers are ours, `Authorization` travels sealed, and `Expect` belongs
-/// to the client's connection to us.
-const NOT_FORWARDED: [&str; 6] = [
+/// and `Prefer` headers are ours, `Authorization` travels sealed, and
+/// `Expect` belongs to the client's connection to us. (`Idempotency-Key`
+/// is forwarded: an upstream that honours it dedupes too.)
+const NOT_FORWARDED: [&str; 7] = [
     "host",
+    "prefer",
     "content-length",
     "authorization",
     "x-callback-location",
@@ -64,11 +70,36 @@ pub async fn submit(
         return Err(ApiError::HeadersTooLarge(HEAD_CAP));
     }
     let callback = callback(&req)?;
+    let lane = credential_hash(state.store.salt(), credential);
+    let prefer = Prefer::of(&req, state.max_wait);
+    let method = req.method().as_str().to_string();
+    let target = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    // With an Idempotency-Key the body is read first: a repeat stores
+    // nothing, so it is answered before any 429 or 507 (SPEC §10).
+    let mut payload = Some(payload);
+    let mut body = None;
+    let mut idempotency = None;
+    if req.headers().contains_key("idempotency-key")
+        && let Some(payload) = payload.take()
+    {
+        let read = read_body(&req, payload, state.max_body_size).await?;
+        idempotency = prefer::idempotency(&req, &method, &target, &read)?;
+        if let Some(idem) = &idempotency {
+            match state.store.idempotent(&lane, idem)? {
+                Some(Ok(first)) => return answer(&state, first, &prefer).await,
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+        body = Some(read);
+    }
     // The disk's reserve keeps status, responses and the engine working.
     if state.store.free_space()? < state.min_free_disk {
         return Err(ApiError::InsufficientStorage);
     }
-    let lane = credential_hash(state.store.salt(), credential);
     // A full queue is refused before the body is read (and checked again,
     // exactly, where the request is stored).
     if let Some(cap) = state.max_pending_per_credential
@@ -76,11 +107,10 @@ pub async fn submit(
     {
         return Err(ApiError::TooManyPending(cap));
     }
-    let body = read_body(&req, payload, state.max_body_size).await?;
-
-    let target = match req.uri().query() {
-        Some(q) => format!("{rest}?{q}"),
-        None => rest.to_string(),
+    let body = match (body, payload) {
+        (Some(b), _) => b,
+        (None, Some(p)) => read_body(&req, p, state.max_body_size).await?,
+        (None, None) => Vec::new(),
     };
     let headers = end_to_end(
         req.headers()
@@ -94,12 +124,12 @@ pub async fn submit(
     let sealed_credential = state.sealer.seal_credential(&id, credential)?;
     // Durable before visible: the store answers once the request is
     // fsync'd, and no 202 goes out before.
-    let rec = state
+    let submitted = state
         .store
         .submit(NewRequest {
             id,
             lane,
-            method: req.method().as_str().to_string(),
+            method,
             target,
             headers,
             body,
@@ -107,14 +137,56 @@ pub async fn submit(
             sealed_credential,
             now_ms: now_ms(),
             max_pending: state.max_pending_per_credential,
+            idempotency,
         })
         .await?;
-    state.dispatch.queued(lane);
-    state.metrics.accepted();
-    let location = format!("/async_api/v2/requests/{id}.json");
+    let rec = match submitted {
+        Submitted::New(rec) => {
+            state.dispatch.queued(lane);
+            state.metrics.accepted();
+            rec
+        }
+        // The same key arrived together with this one, and won.
+        Submitted::Again(first) => first,
+    };
+    answer(&state, rec, &prefer).await
+}
+
+/// The answer to a submission (or its repeat under the same
+/// Idempotency-Key): 202 with its `Location`; with `Prefer: wait=N`, the
+/// stored response itself if it is `done` within N seconds.
+async fn answer(state: &State, rec: RequestRecord, prefer: &Prefer) -> Result<HttpResponse, ApiError> {
+    let location = format!("/async_api/v2/requests/{}.json", rec.id);
+    let Some(wait) = prefer.wait else {
+        return Ok(HttpResponse::build(StatusCode::ACCEPTED)
+            .insert_header((header::LOCATION, location))
+            .json(json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})));
+    };
+    wait::until_settled(state, &[rec.id], &rec.lane, wait).await;
+    let now = wait::visible(state, &rec.id, &rec.lane)?;
+    if let Some(done) = now.as_ref().filter(|r| r.status == Status::Done) {
+        let mut res = query::stored_response(done, state)?;
+        let content = format!("/async_api/v2/responses/{}.json", rec.id);
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_LOCATION, header_value(&content)?);
+        h.insert(
+            header::HeaderName::from_static("preference-applied"),
+            header_value(&applied_wait(wait))?,
+        );
+        return Ok(res);
+    }
+    let view = match &now {
+        Some(r) => serde_json::to_value(StatusView::new(r, state)?).unwrap_or_default(),
+        None => json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)}),
+    };
     Ok(HttpResponse::build(StatusCode::ACCEPTED)
         .insert_header((header::LOCATION, location))
-        .json(json!({"id": id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})))
+        .insert_header(("preference-applied", format!("respond-async, {}", applied_wait(wait))))
+        .json(view))
+}
+
+fn header_value(v: &str) -> Result<header::HeaderValue, ApiError> {
+    header::HeaderValue::from_str(v).map_err(|_| ApiError::NotFound)
 }
 
 fn callback(req: &HttpRequest) -> Result<Option<Callback>, ApiError> {

@@ -36,6 +36,30 @@ pub struct Limits {
     pub per_lane_rps: Option<u32>,
 }
 
+/// Why a lane is paused (SPEC §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseReason {
+    /// A 429, a 503 with `Retry-After`, `X-RateLimit-RPS-Remaining: 0`.
+    RateLimited,
+    /// An hourly or daily quota at 0.
+    QuotaExhausted,
+    /// Nothing could be sent.
+    UpstreamUnreachable,
+    /// A safe request retried after a failure after sending.
+    Backoff,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::RateLimited => "rate_limited",
+            PauseReason::QuotaExhausted => "quota_exhausted",
+            PauseReason::UpstreamUnreachable => "upstream_unreachable",
+            PauseReason::Backoff => "backoff",
+        }
+    }
+}
+
 /// How an attempt ended, as far as pacing cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Feedback {
@@ -75,6 +99,8 @@ struct Lane {
     in_flight: usize,
     /// No sends before this time (refusals, outages, exhausted quotas).
     paused_until: Option<Instant>,
+    /// Why, as the status view says it (SPEC §10 `pause_reason`).
+    pause_reason: Option<PauseReason>,
     /// Consecutive rate-limit refusals: the backoff exponent.
     refusals: u32,
     /// Consecutive failures to reach the upstream: the backoff exponent.
@@ -93,9 +119,12 @@ struct Lane {
 impl Lane {
     /// No sends for `d`, clamped to [`MIN_PAUSE`, `MAX_PAUSE`]: the upstream's
     /// numbers are input from outside.
-    fn pause(&mut self, now: Instant, d: Duration) {
+    fn pause(&mut self, now: Instant, d: Duration, why: PauseReason) {
         let d = d.clamp(MIN_PAUSE, MAX_PAUSE);
         let until = now.checked_add(d).unwrap_or(now);
+        if self.paused_until.is_none_or(|p| until >= p) {
+            self.pause_reason = Some(why);
+        }
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
     }
 
@@ -303,6 +332,13 @@ impl Scheduler {
         }
     }
 
+    /// Until when `key` is paused, and why; `None` when it is not.
+    pub fn pause_of(&self, key: &LaneKey, now: Instant) -> Option<(Instant, PauseReason)> {
+        let lane = self.lanes.get(key)?;
+        let until = lane.paused_until.filter(|p| *p > now)?;
+        Some((until, lane.pause_reason?))
+    }
+
     /// An attempt from `key` ended.
     pub fn finished(&mut self, key: LaneKey, now: Instant, feedback: Feedback) {
         self.in_flight = self.in_flight.saturating_sub(1);
@@ -323,9 +359,9 @@ impl Scheduler {
                 let (base, cap) = REFUSAL_BACKOFF;
                 let wait =
                     retry_after.unwrap_or_else(|| pacing::doubling(base, lane.refusals, cap));
-                lane.pause(now, wait);
+                lane.pause(now, wait, PauseReason::RateLimited);
                 if lane.probing {
-                    lane.pause(now, PROBE_EVERY);
+                    lane.pause(now, PROBE_EVERY, PauseReason::QuotaExhausted);
                 }
                 hints
             }
@@ -336,7 +372,11 @@ impl Scheduler {
                     lane.outages += 1;
                 }
                 let (base, cap) = OUTAGE_BACKOFF;
-                lane.pause(now, pacing::doubling(base, lane.outages, cap));
+                let why = match feedback {
+                    Feedback::FailedAfterSend { .. } => PauseReason::Backoff,
+                    _ => PauseReason::UpstreamUnreachable,
+                };
+                lane.pause(now, pacing::doubling(base, lane.outages, cap), why);
                 Hints::default()
             }
             Feedback::FailedAfterSend { requeued: false } => Hints::default(),
@@ -345,11 +385,11 @@ impl Scheduler {
             lane.learned_rps = Some(n);
         }
         if hints.second_exhausted {
-            lane.pause(now, Duration::from_secs(1));
+            lane.pause(now, Duration::from_secs(1), PauseReason::RateLimited);
         }
         if hints.quota_exhausted {
             lane.probing = true;
-            lane.pause(now, PROBE_EVERY);
+            lane.pause(now, PROBE_EVERY, PauseReason::QuotaExhausted);
         }
         let back_in_queue = match feedback {
             Feedback::Refused { .. } | Feedback::NotSent | Feedback::Internal => true,

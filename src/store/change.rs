@@ -14,7 +14,10 @@ use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalT
 
 use super::keys;
 use super::{Claim, StoreError, codec};
-use crate::model::{BodyRef, LaneKey, Outcome, RequestId, RequestRecord, ResponseRefs, Status};
+use crate::model::{
+    BodyRef, CallbackPhase, CallbackState, Idempotency, LaneKey, Outcome, RequestId,
+    RequestRecord, ResponseRefs, Status,
+};
 
 pub(super) const RECORDS: usize = 0;
 pub(super) const LANES: usize = 1;
@@ -24,8 +27,10 @@ pub(super) const EXPIRY: usize = 3;
 pub(super) const CALLBACKS: usize = 4;
 pub(super) const COUNTERS: usize = 5;
 pub(super) const META: usize = 6;
+/// Lane and hashed `Idempotency-Key` → id.
+pub(super) const IDEMPOTENCY: usize = 7;
 
-pub(super) const TREES: [&str; 7] = [
+pub(super) const TREES: [&str; 8] = [
     "records",
     "lanes",
     "by_status",
@@ -33,7 +38,19 @@ pub(super) const TREES: [&str; 7] = [
     "callbacks",
     "counters",
     "meta",
+    "idempotency",
 ];
+
+/// A pending callback event (the `callbacks` tree's value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackEntry {
+    /// Which event of the request (`webhook-id` `{id}_{event}`).
+    pub event: u32,
+    /// What it announces: `done` or `unknown`.
+    pub status: Status,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+}
 
 /// The statuses with an index entry (`BY_STATUS`): few, and listed often.
 pub(super) fn indexed(status: Status) -> bool {
@@ -54,10 +71,12 @@ pub(super) enum Change {
         id: RequestId,
         now_ms: u64,
     },
-    /// Back to its place in its lane.
+    /// Back to its place in its lane; `sent`: the attempt may have
+    /// written bytes (it counts in `attempts`).
     Requeue {
         id: RequestId,
         claims: u32,
+        sent: bool,
     },
     /// Answered; blobs: the encoded response head, then the body (if kept).
     Complete {
@@ -78,6 +97,11 @@ pub(super) enum Change {
     Delete {
         id: RequestId,
     },
+    /// The owner's cancel: an `enqueued` request too (never sent then);
+    /// a `started` one is refused (`InFlight`).
+    Cancel {
+        id: RequestId,
+    },
     /// Whatever of `due` (expiry entries) is past retention at `now_ms`.
     Expire {
         now_ms: u64,
@@ -88,15 +112,23 @@ pub(super) enum Change {
         id: RequestId,
         seq: u64,
     },
+    /// Delivered (a 2xx with `code`), or moot (`None`: the request is
+    /// gone).
     CallbackDone {
         due_ms: u64,
         id: RequestId,
+        code: Option<u16>,
     },
     CallbackRetry {
         due_ms: u64,
         id: RequestId,
         next_ms: u64,
-        attempts: u32,
+        code: Option<u16>,
+    },
+    /// Its retention ended before any receiver took it.
+    CallbackGaveUp {
+        due_ms: u64,
+        id: RequestId,
     },
 }
 
@@ -104,6 +136,9 @@ pub(super) enum Change {
 #[derive(Debug)]
 pub(super) enum Applied {
     Stored(Box<RequestRecord>),
+    /// A submission whose `Idempotency-Key` named this request already:
+    /// nothing was stored.
+    Duplicate(Box<RequestRecord>),
     Claimed(Claim),
     /// Whether the change applied (false: stale or not allowed; nothing
     /// changed).
@@ -269,6 +304,15 @@ impl<'a> Tx<'a> {
                 {
                     return Ok(Applied::Refused(StoreError::LaneFull(*cap)));
                 }
+                if let Some(idem) = rec.idempotency {
+                    match self.idempotent(&rec.lane, &idem)? {
+                        Some(Ok(first)) => return Ok(Applied::Duplicate(Box::new(first))),
+                        Some(Err(e)) => return Ok(Applied::Refused(e)),
+                        None => {}
+                    }
+                    let key = keys::idempotency(&rec.lane, &idem.key);
+                    self.t(IDEMPOTENCY).insert(&key[..], rec.id.as_bytes())?;
+                }
                 rec.body = blobs.first().copied();
                 self.blob(rec.body, 1);
                 self.lane_push(&rec)?;
@@ -282,12 +326,13 @@ impl<'a> Tx<'a> {
                 id,
                 now_ms,
             } => Applied::Claimed(self.claim(lane, *seq, id, *now_ms)?),
-            Change::Requeue { id, claims } => {
+            Change::Requeue { id, claims, sent } => {
                 let mut rec = match self.fenced(id, Status::Started, Some(*claims))? {
                     Ok(Some(r)) => r,
                     Ok(None) => return Ok(Applied::Changed(false)),
                     Err(e) => return Ok(Applied::Refused(e)),
                 };
+                rec.attempts += u32::from(*sent);
                 rec.started_ms = None;
                 self.lane_push(&rec)?;
                 if let Err(e) = self.set_status(&mut rec, Status::Enqueued)? {
@@ -325,11 +370,8 @@ impl<'a> Tx<'a> {
                 rec.started_ms = Some(*sent_ms);
                 rec.outcome = Some(outcome.clone());
                 rec.sealed = Vec::new();
-                if rec.callback.is_some() {
-                    let attempts = codec::encode(&0u32).map_err(Conflict::Abort)?;
-                    self.t(CALLBACKS)
-                        .insert(&keys::timed(*now_ms, id), attempts)?;
-                }
+                rec.attempts += 1;
+                self.call_back(&mut rec, Status::Done, *now_ms)?;
                 if let Err(e) = self.finish_as(&mut rec, Status::Done, *now_ms, *retention_ms)? {
                     return Ok(Applied::Refused(e));
                 }
@@ -350,12 +392,24 @@ impl<'a> Tx<'a> {
                 if let Err(e) = self.finish_as(&mut rec, Status::Unknown, *now_ms, *keep_ms)? {
                     return Ok(Applied::Refused(e));
                 }
+                rec.attempts += 1;
+                self.call_back(&mut rec, Status::Unknown, *now_ms)?;
                 self.put(&rec)?;
                 Applied::Changed(true)
             }
             Change::Delete { id } => Applied::Changed(
                 self.delete_if(id, |r| matches!(r.status, Status::Done | Status::Unknown))?,
             ),
+            Change::Cancel { id } => match self.record(id)? {
+                Ok(Some(r)) if r.status == Status::Started => {
+                    Applied::Refused(StoreError::InFlight)
+                }
+                Ok(Some(_)) => {
+                    Applied::Changed(self.delete_if(id, |r| r.status != Status::Started)?)
+                }
+                Ok(None) => Applied::Changed(false),
+                Err(e) => Applied::Refused(e),
+            },
             Change::Expire { now_ms, due } => {
                 let mut n = 0;
                 for (at, id) in due {
@@ -392,29 +446,126 @@ impl<'a> Tx<'a> {
                 self.put(&rec)?;
                 Applied::Requeued(Some(Box::new(rec)))
             }
-            Change::CallbackDone { due_ms, id } => {
-                let was = self.t(CALLBACKS).remove(&keys::timed(*due_ms, id)[..])?;
-                Applied::Changed(was.is_some())
+            Change::CallbackDone { due_ms, id, code } => {
+                let Some(entry) = self.take_callback(*due_ms, id)? else {
+                    return Ok(Applied::Changed(false));
+                };
+                self.callback_progress(id, entry, |st| {
+                    st.attempts += 1;
+                    st.last_http_code = *code;
+                    st.next_attempt_ms = None;
+                    if code.is_some() {
+                        st.phase = CallbackPhase::Delivered;
+                    }
+                })?;
+                Applied::Changed(true)
             }
             Change::CallbackRetry {
                 due_ms,
                 id,
                 next_ms,
-                attempts,
+                code,
             } => {
-                if self
-                    .t(CALLBACKS)
-                    .remove(&keys::timed(*due_ms, id)[..])?
-                    .is_none()
-                {
+                let Some(mut entry) = self.take_callback(*due_ms, id)? else {
                     return Ok(Applied::Changed(false));
-                }
-                let attempts = codec::encode(attempts).map_err(Conflict::Abort)?;
+                };
+                entry.attempts += 1;
+                let v = codec::encode(&entry).map_err(Conflict::Abort)?;
                 self.t(CALLBACKS)
-                    .insert(&keys::timed(*next_ms, id)[..], attempts)?;
+                    .insert(&keys::timed(*next_ms, id)[..], v)?;
+                self.callback_progress(id, entry, |st| {
+                    st.attempts = entry.attempts;
+                    st.last_http_code = *code;
+                    st.next_attempt_ms = Some(*next_ms);
+                })?;
+                Applied::Changed(true)
+            }
+            Change::CallbackGaveUp { due_ms, id } => {
+                let Some(entry) = self.take_callback(*due_ms, id)? else {
+                    return Ok(Applied::Changed(false));
+                };
+                self.callback_progress(id, entry, |st| {
+                    st.phase = CallbackPhase::GaveUp;
+                    st.next_attempt_ms = None;
+                })?;
                 Applied::Changed(true)
             }
         })
+    }
+
+    /// The request an `Idempotency-Key` of `lane` names, if it still
+    /// exists: `Ok` if it was the same request, `IdempotencyReused` if not.
+    pub(super) fn idempotent(
+        &self,
+        lane: &LaneKey,
+        idem: &Idempotency,
+    ) -> TxResult<Option<Result<RequestRecord, StoreError>>> {
+        let key = keys::idempotency(lane, &idem.key);
+        let Some(first) = self.t(IDEMPOTENCY).get(key)? else {
+            return Ok(None);
+        };
+        let Some(id) = keys::id_from(&first) else {
+            return Ok(None);
+        };
+        Ok(match self.record(&id)? {
+            Ok(Some(f)) if f.idempotency.map(|i| i.fingerprint) == Some(idem.fingerprint) => {
+                Some(Ok(f))
+            }
+            Ok(Some(_)) => Some(Err(StoreError::IdempotencyReused)),
+            // A stale entry: taken over.
+            _ => None,
+        })
+    }
+
+    /// A new callback event for `rec` (if it has a callback URL), due now.
+    fn call_back(&self, rec: &mut RequestRecord, status: Status, now_ms: u64) -> TxResult<()> {
+        if rec.callback.is_none() {
+            return Ok(());
+        }
+        let event = rec.callback_state.map_or(0, |s| s.event) + 1;
+        let entry = CallbackEntry {
+            event,
+            status,
+            attempts: 0,
+        };
+        let v = codec::encode(&entry).map_err(Conflict::Abort)?;
+        self.t(CALLBACKS)
+            .insert(&keys::timed(now_ms, &rec.id)[..], v)?;
+        rec.callback_state = Some(CallbackState {
+            event,
+            status,
+            phase: CallbackPhase::Pending,
+            attempts: 0,
+            last_http_code: None,
+            next_attempt_ms: Some(now_ms),
+        });
+        Ok(())
+    }
+
+    /// Takes a pending callback entry out.
+    fn take_callback(&self, due_ms: u64, id: &RequestId) -> TxResult<Option<CallbackEntry>> {
+        Ok(self
+            .t(CALLBACKS)
+            .remove(&keys::timed(due_ms, id)[..])?
+            .map(|v| callback_entry(&v)))
+    }
+
+    /// Updates the record's view of its callback, if `entry` is its latest
+    /// event (an older one still delivering leaves the view alone).
+    fn callback_progress(
+        &self,
+        id: &RequestId,
+        entry: CallbackEntry,
+        f: impl FnOnce(&mut CallbackState),
+    ) -> TxResult<()> {
+        let Ok(Some(mut rec)) = self.record(id)? else {
+            return Ok(());
+        };
+        match &mut rec.callback_state {
+            Some(st) if st.event == entry.event => f(st),
+            _ => return Ok(()),
+        }
+        self.put(&rec)
     }
 
     /// Takes the lane entry `(lane, seq)` if it still names `id`, and makes
@@ -467,7 +618,22 @@ impl<'a> Tx<'a> {
         if let Some(e) = rec.expires_ms {
             self.t(EXPIRY).remove(&keys::timed(e, id)[..])?;
         }
+        if let Some(idem) = rec.idempotency {
+            let key = keys::idempotency(&rec.lane, &idem.key);
+            if self.t(IDEMPOTENCY).get(key)?.as_deref() == Some(&id.as_bytes()[..]) {
+                self.t(IDEMPOTENCY).remove(&key[..])?;
+            }
+        }
         self.t(RECORDS).remove(id.as_bytes())?;
         Ok(true)
     }
+}
+
+/// A `callbacks` value.
+pub(super) fn callback_entry(v: &[u8]) -> CallbackEntry {
+    codec::decode(v).unwrap_or(CallbackEntry {
+        event: 1,
+        status: Status::Done,
+        attempts: 0,
+    })
 }

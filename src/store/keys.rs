@@ -13,6 +13,14 @@ pub fn segment(segment: u64) -> [u8; 9] {
     k
 }
 
+/// An `Idempotency-Key` (hashed) is per credential: its lane first.
+pub fn idempotency(lane: &LaneKey, key: &[u8; 32]) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(lane);
+    k[32..].copy_from_slice(key);
+    k
+}
+
 pub fn lane(lane: &LaneKey, seq: u64) -> [u8; 40] {
     let mut k = [0u8; 40];
     k[..32].copy_from_slice(lane);

@@ -39,14 +39,17 @@ mod writer;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use fatal::Fatal;
-pub use ops::{Completion, NewRequest, Recovered, Settle};
+pub use change::CallbackEntry;
+pub use ops::{Completion, NewRequest, Recovered, Settle, Submitted};
 
-use crate::model::RequestRecord;
+use crate::model::{RequestId, RequestRecord};
+use tokio::sync::oneshot;
 use change::{COUNTERS, META, TREES};
 use journal::{Journal, Position};
 use writer::Writer;
@@ -77,6 +80,10 @@ pub enum StoreError {
     NoSpace,
     #[error("a stored value would be {0} bytes, over the {MAX_VALUE}-byte limit")]
     TooLarge(usize),
+    #[error("the Idempotency-Key was used for a different request")]
+    IdempotencyReused,
+    #[error("the request is being sent upstream")]
+    InFlight,
 }
 
 /// What a claim found for one dispatch slot.
@@ -124,6 +131,8 @@ pub(crate) struct Core {
     log: File,
     /// Set once a write could not be made durable: nothing more is.
     fatal: Fatal,
+    /// Long-polls waiting for a request to finish (`Store::watch`).
+    waiters: Mutex<HashMap<RequestId, Vec<oneshot::Sender<()>>>>,
 }
 
 pub struct Store {
@@ -207,6 +216,7 @@ impl Store {
             journal,
             log,
             fatal: Fatal::default(),
+            waiters: Mutex::default(),
         });
         // The journal's tail the trees had not caught up with.
         let replayed = recovery::replay(&core)?;
@@ -288,6 +298,54 @@ impl Store {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
+        }
+    }
+}
+
+impl Store {
+    /// Resolves when `id` may have finished (`done`, `unknown`) or gone:
+    /// look again then. Register before looking at the status, so that a
+    /// change in between is not missed. Only this request's waiters are
+    /// woken, by the round that applied the change.
+    pub fn watch(&self, id: &RequestId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.core.lock_waiters().entry(*id).or_default().push(tx);
+        rx
+    }
+
+    /// Forgets the waiters of `id` that gave up (a timeout, a closed
+    /// connection).
+    pub fn unwatch(&self, id: &RequestId) {
+        let mut w = self.core.lock_waiters();
+        if let Some(list) = w.get_mut(id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                w.remove(id);
+            }
+        }
+    }
+
+    /// Long-polls waiting now (a metric).
+    pub fn watching(&self) -> usize {
+        self.core.lock_waiters().values().map(Vec::len).sum()
+    }
+}
+
+impl Core {
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Vec<oneshot::Sender<()>>>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes whoever waits on these requests.
+    fn wake(&self, ids: impl Iterator<Item = RequestId>) {
+        let mut w = self.lock_waiters();
+        if w.is_empty() {
+            return;
+        }
+        for id in ids {
+            for tx in w.remove(&id).into_iter().flatten() {
+                let _ = tx.send(());
+            }
         }
     }
 }

@@ -10,7 +10,8 @@ use super::change::{Applied, Change};
 use super::writer::{Op, WithBlobs};
 use super::{Claim, Store, StoreError, codec};
 use crate::model::{
-    Callback, Header, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead, Status,
+    Callback, Header, Idempotency, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead,
+    Status,
 };
 
 /// What the HTTP layer hands over for a new request.
@@ -27,6 +28,17 @@ pub struct NewRequest {
     /// `--max-pending-per-credential`: refuse it if its lane already holds
     /// this many `enqueued` requests.
     pub max_pending: Option<u64>,
+    /// Its `Idempotency-Key`, hashed, with what it asks for.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// What a submission came to.
+#[derive(Debug)]
+pub enum Submitted {
+    /// Stored, durably.
+    New(RequestRecord),
+    /// Its `Idempotency-Key` named this request already: nothing stored.
+    Again(RequestRecord),
 }
 
 /// An upstream answer to store.
@@ -41,7 +53,12 @@ pub struct Completion {
 /// One attempt's end.
 pub enum Settle {
     /// Refused (429) or never sent: back to its place in its lane.
-    Requeue { id: RequestId, claims: u32 },
+    /// `sent`: the attempt may have written bytes (counted in `attempts`).
+    Requeue {
+        id: RequestId,
+        claims: u32,
+        sent: bool,
+    },
     /// Answered: `done`, the response kept, the credential deleted, the
     /// callback scheduled.
     Complete {
@@ -84,6 +101,14 @@ fn first(applied: Vec<Applied>) -> Result<Applied, StoreError> {
     }
 }
 
+fn submitted(a: Applied) -> Result<Submitted, StoreError> {
+    match a {
+        Applied::Stored(rec) => Ok(Submitted::New(*rec)),
+        Applied::Duplicate(rec) => Ok(Submitted::Again(*rec)),
+        other => Err(StoreError::Codec(format!("a submission answered {other:?}"))),
+    }
+}
+
 fn changed(a: Applied) -> bool {
     matches!(a, Applied::Changed(true))
 }
@@ -91,7 +116,7 @@ fn changed(a: Applied) -> bool {
 impl Settle {
     fn into_change(self) -> Result<WithBlobs, StoreError> {
         Ok(match self {
-            Settle::Requeue { id, claims } => (Change::Requeue { id, claims }, vec![]),
+            Settle::Requeue { id, claims, sent } => (Change::Requeue { id, claims, sent }, vec![]),
             Settle::Unknown {
                 id,
                 claims,
@@ -165,6 +190,9 @@ impl NewRequest {
             expires_ms: None,
             sealed: self.sealed_credential,
             response: None,
+            attempts: 0,
+            idempotency: self.idempotency,
+            callback_state: None,
         };
         let size = codec::encode(&rec)?.len() + 64; // + the body's reference
         if size > super::MAX_VALUE {
@@ -190,21 +218,13 @@ impl Store {
     /// Stores a new request at the tail of its lane, durably. `LaneFull`
     /// when its lane already holds `NewRequest::max_pending` requests,
     /// `NoSpace` when the disk cannot take it: refused alone.
-    pub async fn submit(&self, new: NewRequest) -> Result<RequestRecord, StoreError> {
-        match one(self.send(new.into_op()?)).await? {
-            Applied::Stored(rec) => Ok(*rec),
-            other => Err(StoreError::Codec(format!(
-                "a submission answered {other:?}"
-            ))),
-        }
+    pub async fn submit(&self, new: NewRequest) -> Result<Submitted, StoreError> {
+        submitted(one(self.send(new.into_op()?)).await?)
     }
 
     pub fn submit_blocking(&self, new: NewRequest) -> Result<RequestRecord, StoreError> {
-        match one_blocking(self.send(new.into_op()?))? {
-            Applied::Stored(rec) => Ok(*rec),
-            other => Err(StoreError::Codec(format!(
-                "a submission answered {other:?}"
-            ))),
+        match submitted(one_blocking(self.send(new.into_op()?))?)? {
+            Submitted::New(rec) | Submitted::Again(rec) => Ok(rec),
         }
     }
 
@@ -279,7 +299,12 @@ impl Store {
             let (id, claims) = (rec.id, rec.claims);
             let op = if crate::model::is_idempotent(&rec.method) {
                 report.requeued += 1;
-                Settle::Requeue { id, claims }
+                // It may have been sent: it counts as an attempt.
+                Settle::Requeue {
+                    id,
+                    claims,
+                    sent: true,
+                }
             } else {
                 report.unknown += 1;
                 Settle::Unknown {
@@ -321,6 +346,13 @@ impl Store {
         Ok(changed(one(self.change(Change::Delete { id: *id })).await?))
     }
 
+    /// The owner's cancel (SPEC §10): an `enqueued` request is removed and
+    /// never sent, a `done` or `unknown` one deleted; false if there is
+    /// none; `InFlight` for a `started` one.
+    pub async fn cancel(&self, id: &RequestId) -> Result<bool, StoreError> {
+        Ok(changed(one(self.change(Change::Cancel { id: *id })).await?))
+    }
+
     /// Deletes the requests of `due` (expiry entries) whose retention
     /// ended by `now_ms`, in one change, and drops the entries. Returns how
     /// many requests went. Blocks (the sweeper's thread).
@@ -335,27 +367,45 @@ impl Store {
         }
     }
 
-    /// The callback was answered 2xx (or can no longer be delivered).
-    pub async fn callback_finished(&self, due_ms: u64, id: &RequestId) -> Result<(), StoreError> {
-        one(self.change(Change::CallbackDone { due_ms, id: *id })).await?;
+    /// The callback was answered 2xx (`code`), or is moot (`None`: its
+    /// request is gone).
+    pub async fn callback_finished(
+        &self,
+        due_ms: u64,
+        id: &RequestId,
+        code: Option<u16>,
+    ) -> Result<(), StoreError> {
+        let change = Change::CallbackDone {
+            due_ms,
+            id: *id,
+            code,
+        };
+        one(self.change(change)).await?;
         Ok(())
     }
 
-    /// Moves a failed callback to its next due time.
+    /// Moves a failed callback to its next due time; `code`: what the
+    /// receiver answered, if it answered.
     pub async fn callback_retry(
         &self,
         due_ms: u64,
         id: &RequestId,
         next_ms: u64,
-        attempts: u32,
+        code: Option<u16>,
     ) -> Result<(), StoreError> {
         let change = Change::CallbackRetry {
             due_ms,
             id: *id,
             next_ms,
-            attempts,
+            code,
         };
         one(self.change(change)).await?;
+        Ok(())
+    }
+
+    /// The request's retention ended before any receiver took its callback.
+    pub async fn callback_gave_up(&self, due_ms: u64, id: &RequestId) -> Result<(), StoreError> {
+        one(self.change(Change::CallbackGaveUp { due_ms, id: *id })).await?;
         Ok(())
     }
 }

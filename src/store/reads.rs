@@ -4,9 +4,10 @@
 
 use sled::IVec;
 
-use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, LANES, RECORDS};
+use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, IDEMPOTENCY, LANES, RECORDS};
+use super::CallbackEntry;
 use super::{Store, StoreError, codec, keys};
-use crate::model::{LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
 impl Store {
     pub fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
@@ -146,17 +147,55 @@ impl Store {
         self.first_due(CALLBACKS)
     }
 
-    /// Callbacks due by `now_ms`: (due at, id, attempts so far).
+    /// Callback events due by `now_ms`: (due at, id, the event).
     pub fn due_callbacks(
         &self,
         now_ms: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, RequestId, u32)>, StoreError> {
+    ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
         Ok(self
             .due(CALLBACKS, now_ms, limit)?
             .into_iter()
-            .map(|(at, id, v)| (at, id, codec::decode(&v).unwrap_or(0)))
+            .map(|(at, id, v)| (at, id, change::callback_entry(&v)))
             .collect())
+    }
+
+    /// The request an `Idempotency-Key` of `lane` names, if it still
+    /// exists: `Ok` if it asked for the same, `IdempotencyReused` if not.
+    /// A look before the writer's own check (which decides).
+    pub fn idempotent(
+        &self,
+        lane: &LaneKey,
+        idem: &Idempotency,
+    ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
+        let Some(first) = self.tree(IDEMPOTENCY).get(keys::idempotency(lane, &idem.key))? else {
+            return Ok(None);
+        };
+        let Some(rec) = keys::id_from(&first).map(|id| self.get(&id)).transpose()?.flatten() else {
+            return Ok(None);
+        };
+        Ok(Some(match rec.idempotency {
+            Some(i) if i.fingerprint == idem.fingerprint => Ok(rec),
+            _ => Err(StoreError::IdempotencyReused),
+        }))
+    }
+
+    /// Requests before `rec` in its lane (SPEC §10 `ahead`): counted up to
+    /// `AHEAD_EXACT`; past that, the lane's length less one, which is
+    /// never below the truth.
+    pub fn ahead(&self, rec: &RequestRecord) -> Result<u64, StoreError> {
+        const AHEAD_EXACT: usize = 20_000;
+        let start = keys::lane(&rec.lane, 0);
+        let end = keys::lane(&rec.lane, rec.seq);
+        let mut n = 0;
+        for key in self.tree(LANES).range(start..end).keys() {
+            key?;
+            n += 1;
+            if n > AHEAD_EXACT {
+                return Ok(self.pending_in_lane(&rec.lane)?.saturating_sub(1));
+            }
+        }
+        Ok(n as u64)
     }
 
     /// When the earliest retention ends.

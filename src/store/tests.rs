@@ -29,6 +29,7 @@ fn new_request(lane: u8, method: &str, body: Vec<u8>, callback: bool) -> NewRequ
         sealed_credential: b"sealed".to_vec(),
         now_ms: 1_000,
         max_pending: None,
+        idempotency: None,
     }
 }
 
@@ -66,7 +67,11 @@ fn claim(s: &Store, lane: &LaneKey, now: u64) -> Option<RequestRecord> {
 }
 
 fn requeue(s: &Store, id: &RequestId, claims: u32) -> bool {
-    s.settle_blocking(Settle::Requeue { id: *id, claims })
+    s.settle_blocking(Settle::Requeue {
+        id: *id,
+        claims,
+        sent: true,
+    })
         .unwrap()
 }
 
@@ -96,6 +101,14 @@ fn mark_unknown(s: &Store, id: &RequestId, claims: u32, now_ms: u64, keep_ms: u6
         keep_ms,
     })
     .unwrap()
+}
+
+fn entry(event: u32, attempts: u32) -> CallbackEntry {
+    CallbackEntry {
+        event,
+        status: Status::Done,
+        attempts,
+    }
 }
 
 fn count(s: &Store, status: Status) -> u64 {
@@ -170,7 +183,7 @@ fn complete_keeps_big_responses_and_drops_the_credential() {
     assert!(s.sealed_credential(&rec.id).unwrap().is_none());
     assert_eq!(
         s.due_callbacks(10_000, 10).unwrap(),
-        vec![(10_000, rec.id, 0)]
+        vec![(10_000, rec.id, entry(1, 0))]
     );
     assert_eq!(count(&s, Status::Done), 1);
     assert_eq!(count(&s, Status::Started), 0);
@@ -287,14 +300,24 @@ fn callbacks_move_to_their_next_due_time() {
     let rec = enqueue(&s, new_request(1, "POST", vec![], true)).unwrap();
     let c = claim(&s, &rec.lane, 5).unwrap();
     complete(&s, &rec.id, c.claims, completion(200, vec![]), 10, 100_000);
-    block(s.callback_retry(10, &rec.id, 1_010, 1)).unwrap();
+    block(s.callback_retry(10, &rec.id, 1_010, Some(500))).unwrap();
+    let st = s.get(&rec.id).unwrap().unwrap().callback_state.unwrap();
+    assert_eq!(
+        (st.phase, st.attempts, st.last_http_code, st.next_attempt_ms),
+        (crate::model::CallbackPhase::Pending, 1, Some(500), Some(1_010))
+    );
     assert!(s.due_callbacks(1_009, 10).unwrap().is_empty());
     assert_eq!(s.next_callback_due().unwrap(), Some(1_010));
     assert_eq!(
         s.due_callbacks(1_010, 10).unwrap(),
-        vec![(1_010, rec.id, 1)]
+        vec![(1_010, rec.id, entry(1, 1))]
     );
-    block(s.callback_finished(1_010, &rec.id)).unwrap();
+    block(s.callback_finished(1_010, &rec.id, Some(204))).unwrap();
+    let st = s.get(&rec.id).unwrap().unwrap().callback_state.unwrap();
+    assert_eq!(
+        (st.phase, st.attempts, st.last_http_code, st.next_attempt_ms),
+        (crate::model::CallbackPhase::Delivered, 2, Some(204), None)
+    );
     assert_eq!(s.next_callback_due().unwrap(), None);
 }
 
@@ -362,7 +385,7 @@ fn concurrent_submissions_are_combined_and_all_answered() {
                             .submit(new_request(t, "POST", vec![t; 10], false))
                             .await
                             .unwrap();
-                        assert_eq!(rec.status, Status::Enqueued);
+                        assert!(matches!(rec, Submitted::New(r) if r.status == Status::Enqueued));
                     }
                 })
             })
@@ -381,6 +404,7 @@ fn concurrent_submissions_are_combined_and_all_answered() {
             Claim::Got(r) => Settle::Requeue {
                 id: r.id,
                 claims: r.claims,
+                sent: false,
             },
             other => panic!("{other:?}"),
         })

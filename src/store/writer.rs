@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::change::{Applied, Change, META, Tx};
 use super::journal::{self, Position};
 use super::{StoreError, codec, keys};
-use crate::model::{BodyRef, LaneKey};
+use crate::model::{BodyRef, LaneKey, RequestId};
 
 /// Operations per round, at most (more wait for the next).
 const MAX_ROUND: usize = 1024;
@@ -196,6 +196,7 @@ impl super::Core {
         let applied = self.apply_round(&placed, end);
         match applied {
             Ok(results) => {
+                self.wake(placed.iter().flat_map(|(f, _)| f.entries.changes.iter()).flat_map(|(c, _, _)| finishing(c)));
                 for ((f, _), r) in placed.into_iter().zip(results) {
                     let _ = f.reply.send(Ok(r));
                 }
@@ -439,6 +440,18 @@ fn place(framed: Vec<Framed>, at: Position) -> Vec<(Framed, Position)> {
             (f, pos)
         })
         .collect()
+}
+
+/// The requests a change may finish or remove: their waiters look again.
+fn finishing(change: &Change) -> Vec<RequestId> {
+    match change {
+        Change::Complete { id, .. }
+        | Change::Unknown { id, .. }
+        | Change::Delete { id }
+        | Change::Cancel { id } => vec![*id],
+        Change::Expire { due, .. } => due.iter().map(|(_, id)| *id).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A claim of a lane found empty: in the journal for nothing.

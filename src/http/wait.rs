@@ -1,0 +1,135 @@
+//! Waiting instead of polling (SPEC §10): a held status answer, bulk status
+//! with an optional wait. A held answer registers with the store for its
+//! request only (`Store::watch`) and sleeps; the store round that finishes
+//! the request wakes it. A gateway shutting down answers at once.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::future::{Either, select, select_all};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::prefer::{Prefer, applied_wait};
+use super::query::StatusView;
+use super::{ApiError, State, single_header};
+use crate::crypto::{credential_hash, same_owner};
+use crate::model::{LaneKey, RequestId, RequestRecord, Status, now_ms};
+
+/// Whether a request's wait is over: it will not change by itself.
+pub fn settled(status: Status) -> bool {
+    matches!(status, Status::Done | Status::Unknown)
+}
+
+/// The record of `id` if `caller` owns it and it has not expired.
+pub fn visible(
+    state: &State,
+    id: &RequestId,
+    caller: &LaneKey,
+) -> Result<Option<RequestRecord>, ApiError> {
+    Ok(state
+        .store
+        .get(id)?
+        .filter(|r| same_owner(&r.lane, caller) && !r.is_expired(now_ms())))
+}
+
+/// Holds until every one of `ids` visible to `caller` is settled (or gone),
+/// `wait` passes, or the gateway stops.
+pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    let mut stopping = state.shutdown.clone();
+    loop {
+        if *stopping.borrow() {
+            return;
+        }
+        // Watch first, then look: a change in between is not missed.
+        let mut pending = Vec::new();
+        let mut watched = Vec::new();
+        for id in ids.iter().collect::<HashSet<_>>() {
+            let rx = state.store.watch(id);
+            match visible(state, id, caller) {
+                Ok(Some(r)) if !settled(r.status) => {
+                    pending.push(rx);
+                    watched.push(*id);
+                }
+                _ => drop(rx),
+            }
+        }
+        let more = !pending.is_empty();
+        if more {
+            let woken = select_all(pending);
+            let timeout = Box::pin(tokio::time::sleep_until(deadline));
+            let stop = Box::pin(stopping.wait_for(|s| *s));
+            let either = select(woken, select(timeout, stop)).await;
+            if let Either::Right(_) = either {
+                for id in &watched {
+                    state.store.unwatch(id);
+                }
+                return;
+            }
+        }
+        for id in &watched {
+            state.store.unwatch(id);
+        }
+        if !more || Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Bulk {
+    ids: Vec<serde_json::Value>,
+}
+
+/// `POST /async_api/v2/requests.json`: up to 1,000 status views at once.
+pub async fn bulk(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            "invalid_bulk_request",
+            "send {\"ids\": [...]} with 1 to 1000 request ids",
+        )
+    };
+    let asked: Bulk = serde_json::from_slice(&body).map_err(|_| bad())?;
+    if asked.ids.is_empty() || asked.ids.len() > 1000 {
+        return Err(bad());
+    }
+    let credential = single_header(&req, "authorization").ok().flatten();
+    let caller = credential_hash(state.store.salt(), credential);
+    let parsed: Vec<(String, Option<RequestId>)> = asked
+        .ids
+        .iter()
+        .map(|v| match v.as_str() {
+            Some(s) => (s.to_string(), s.parse().ok()),
+            None => (v.to_string(), None),
+        })
+        .collect();
+    let prefer = Prefer::of(&req, state.max_wait);
+    // Another credential's id may not be held for: it is "not found".
+    if let Some(wait) = prefer.wait {
+        let ids: Vec<RequestId> = parsed.iter().filter_map(|(_, id)| *id).collect();
+        until_settled(&state, &ids, &caller, wait).await;
+    }
+    let mut items = Vec::new();
+    let mut not_found = Vec::new();
+    for (raw, id) in parsed {
+        match id.map(|id| visible(&state, &id, &caller)).transpose()?.flatten() {
+            Some(rec) => items.push(StatusView::new(&rec, &state)?),
+            None => not_found.push(raw),
+        }
+    }
+    let mut res = HttpResponse::Ok();
+    if let Some(wait) = prefer.wait {
+        res.insert_header(("preference-applied", applied_wait(wait)));
+    }
+    Ok(res
+        .insert_header(header::CacheControl(vec![header::CacheDirective::NoStore]))
+        .json(json!({"items": items, "not_found": not_found})))
+}
