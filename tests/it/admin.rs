@@ -61,6 +61,9 @@ async fn operators_list_requeue_and_delete_unknown_requests() {
         .submit_as("POST", "/async_api/v2/refuse", "Bearer other")
         .await;
     up.wait_for(2, SECS(10)).await;
+    // Refused (429): back in its queue once the refusal is recorded.
+    app.wait_for_status(&waiting, Some("Bearer other"), "enqueued", SECS(10))
+        .await;
 
     for bad in [
         vec![],

@@ -44,6 +44,7 @@ async fn done_is_303_with_the_contracts_fields_and_the_response_is_replayed() {
     assert_eq!(
         keys,
         [
+            "attempts",
             "created",
             "exec_time",
             "id",
@@ -178,7 +179,7 @@ async fn enqueued_and_started_show_their_fields_and_no_response_yet() {
     assert_eq!(s.status, 200);
     let mut keys: Vec<String> = s.json().as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["created", "id", "started", "status"]);
+    assert_eq!(keys, ["attempts", "created", "id", "started", "status"]);
     let q = app.status(&second, AUTH).await;
     assert_eq!(
         (q.status, q.json()["status"].as_str()),
@@ -186,7 +187,7 @@ async fn enqueued_and_started_show_their_fields_and_no_response_yet() {
     );
     let mut keys: Vec<String> = q.json().as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["created", "id", "status"]);
+    assert_eq!(keys, ["ahead", "attempts", "created", "id", "status"]);
     assert_eq!(app.response(&first, AUTH).await.status, 404, "not done yet");
     app.wait_for_status(&second, AUTH, "done", SECS(10)).await;
     app.stop().await;

@@ -19,5 +19,6 @@ mod pacing;
 mod powercut;
 mod process;
 mod retention;
+mod scripts;
 mod submit;
 mod tls;

@@ -229,8 +229,9 @@ async fn reserved_paths_are_never_forwarded() {
     let up = Fake::start().await;
     let app = TestApp::start(&up.url(), &[]).await;
     for (method, path, status) in [
-        ("GET", "/async_api/v2/requests.json", 404),
-        ("POST", "/async_api/v2/requests.json", 404),
+        // Bulk status (SPEC §10): POST only, and an empty body is a 400.
+        ("GET", "/async_api/v2/requests.json", 405),
+        ("POST", "/async_api/v2/requests.json", 400),
         ("GET", "/async_api/v2/requests/nope.json", 404),
         (
             "POST",
@@ -250,6 +251,7 @@ async fn reserved_paths_are_never_forwarded() {
         ("POST", "/async_api", 404),
         ("POST", "/async_apix/v2", 404),
         ("GET", "/async_api/v2/requests", 404),
+        ("DELETE", "/async_api/v2/requests.json", 405),
         ("GET", "/async_api/v2/responses/", 404),
         ("POST", "/admin", 404),
     ] {
