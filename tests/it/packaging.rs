@@ -1,7 +1,12 @@
 //! SPEC §11: what the package ships besides the binary. Completions and
-//! man pages come from the real binary.
+//! man pages come from the real binary; the Grafana dashboard
+//! (`packaging/grafana-dashboard.json`) may query only series a live
+//! gateway's `/metrics` serves, and charts every one of them.
 
+use std::collections::BTreeSet;
 use std::process::Command;
+
+use crate::helpers::*;
 
 fn run(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
@@ -96,4 +101,190 @@ fn man_pages_are_roff_made_from_the_flag_definitions() {
         std::fs::read_to_string(out.join("asyncgate-serve.1")).unwrap(),
         serve
     );
+}
+
+/// PromQL words that are not series names.
+const NOT_SERIES: [&str; 25] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "atan2",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "Inf",
+];
+
+/// The series names a PromQL expression selects: identifiers outside label
+/// matchers, ranges and strings that are neither functions, aggregations,
+/// keywords nor the label lists of `by (...)` and the like.
+fn series_in(expr: &str) -> BTreeSet<String> {
+    // Blank out `{...}`, `[...]` and string literals.
+    let mut plain = String::new();
+    let (mut braces, mut brackets, mut quote) = (0, 0, None);
+    for c in expr.chars() {
+        if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' | '`' => quote = Some(c),
+            '{' => braces += 1,
+            '}' => braces -= 1,
+            '[' => brackets += 1,
+            ']' => brackets -= 1,
+            _ if braces == 0 && brackets == 0 => {
+                plain.push(c);
+                continue;
+            }
+            _ => {}
+        }
+        plain.push(' ');
+    }
+    let chars: Vec<char> = plain.chars().collect();
+    let next_non_space = |from: usize| chars[from..].iter().find(|c| !c.is_whitespace());
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let start = i;
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' || c == '$' {
+            i += 1;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "_:".contains(chars[i])) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            if matches!(
+                word.as_str(),
+                "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+            ) && next_non_space(i) == Some(&'(')
+            {
+                // Skip the label list.
+                while i < chars.len() && chars[i] != ')' {
+                    i += 1;
+                }
+            } else if !word.starts_with('$')
+                && next_non_space(i) != Some(&'(')
+                && !NOT_SERIES.contains(&word.as_str())
+            {
+                names.insert(word);
+            }
+        } else if c.is_ascii_digit() || c == '.' {
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_series_names_are_told_from_functions_labels_and_keywords() {
+    let names = |e: &str| series_in(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            "histogram_quantile(0.95, sum by (le) (rate(a_bucket{job=\"x\",le!=\"1e3\"}[$__rate_interval])))"
+        ),
+        ["a_bucket"]
+    );
+    assert_eq!(
+        names("sum(rate(a_total[5m])) by (code) / on (code) group_left sum without (x) (b) > 0.5"),
+        ["a_total", "b"]
+    );
+    assert_eq!(
+        names("max_over_time(c[1h:5m]) or vector(0) unless d offset 5m"),
+        ["c", "d"]
+    );
+}
+
+/// Every `expr` string anywhere in the dashboard.
+fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[actix_web::test]
+async fn the_grafana_dashboard_charts_exactly_the_series_a_live_gateway_serves() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/grafana-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    exprs(&dashboard, &mut queries);
+    assert!(queries.len() >= 10, "only {} queries", queries.len());
+    let charted: BTreeSet<String> = queries.iter().flat_map(|e| series_in(e)).collect();
+
+    // A gateway that has executed something serves every labelled series
+    // (`asyncgate_executed_total{code}` appears with its first result).
+    let up = Fake::start().await;
+    let app = TestApp::start(&up.url(), &[]).await;
+    let id = app.submit("POST", "/async_api/v2/x.json", &[], b"{}").await;
+    app.wait_for_status(&id, None, "done", SECS(10)).await;
+    let scrape = String::from_utf8(app.call("GET", "/metrics", &[], b"").await.body).unwrap();
+    app.stop().await;
+    // Sample names (histograms as their _bucket, _sum and _count) and the
+    // families they belong to.
+    let served: BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let families: BTreeSet<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+
+    for name in &charted {
+        assert!(
+            served.contains(name.as_str()),
+            "the dashboard queries {name}, which /metrics does not serve:\n{scrape}"
+        );
+    }
+    for family in &families {
+        let histogram_part = |s: &str| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| s.strip_suffix(suffix) == Some(family))
+        };
+        assert!(
+            charted
+                .iter()
+                .any(|c| c == family || histogram_part(c.as_str())),
+            "/metrics serves {family}, which no dashboard panel charts: add one"
+        );
+    }
 }
