@@ -288,3 +288,71 @@ async fn the_grafana_dashboard_charts_exactly_the_series_a_live_gateway_serves()
         );
     }
 }
+
+/// The GitHub anchor of a Markdown heading: lower case, spaces to `-`,
+/// other punctuation dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SPEC §11: the repository documents the contract in its own files. Every
+/// link in the README, ARCHITECTURE.md and docs/ names a file that exists
+/// (and, with `#`, a heading in it); the README links nowhere outside.
+#[test]
+fn documentation_links_only_to_files_in_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md"), root.join("ARCHITECTURE.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path);
+        }
+    }
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let shown = page.strip_prefix(root).unwrap().display().to_string();
+        for (at, _) in text.match_indices("](") {
+            let rest = &text[at + 2..];
+            let target = &rest[..rest.find(')').unwrap()];
+            if target.starts_with("http://") || target.starts_with("https://") {
+                assert!(
+                    !shown.starts_with("README"),
+                    "{shown} links outside the repository: {target}"
+                );
+                continue;
+            }
+            let (file, fragment) = target.split_once('#').unwrap_or((target, ""));
+            let linked = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(file)
+            };
+            assert!(
+                linked.exists(),
+                "{shown} links to {target}, which is not there"
+            );
+            if !fragment.is_empty() {
+                let headings = std::fs::read_to_string(&linked).unwrap();
+                assert!(
+                    headings
+                        .lines()
+                        .filter_map(|l| l.strip_prefix('#'))
+                        .any(|h| anchor(h.trim_start_matches('#')) == fragment),
+                    "{shown} links to {target}: no such heading"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} links found");
+}
