@@ -27,6 +27,24 @@ pub enum Command {
     /// Examine and settle `unknown` requests through a running gateway's
     /// admin API.
     Admin(AdminArgs),
+    /// Print shell completions for this command (bash, zsh, fish, ...).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) made from the same definitions as `--help`.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// The page of a subcommand instead of the main one (`serve`, `admin list`).
+    pub subcommand: Vec<String>,
+
+    /// Write every page (asyncgate.1, asyncgate-serve.1, ...) into this
+    /// directory instead of printing one.
+    #[arg(long, conflicts_with = "subcommand")]
+    pub out_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -25,10 +25,13 @@
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
 //! - [`demo`]: the bundled demo upstream behind `asyncgate demo`.
 //! - [`admin_cli`]: `asyncgate admin ...`, an operator's client.
+//! - [`cli_docs`]: `asyncgate completions` and `asyncgate man`, made from
+//!   [`config`]'s definitions.
 
 pub mod admin_cli;
 pub mod app;
 pub mod callback;
+pub mod cli_docs;
 pub mod config;
 pub mod crypto;
 pub mod demo;

@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use asyncgate::config::{Cli, Command};
-use asyncgate::{admin_cli, app, demo};
+use asyncgate::{admin_cli, app, cli_docs, demo};
 
 #[actix_web::main]
 async fn main() {
@@ -23,6 +23,10 @@ async fn main() {
             Err(e) => Err(e),
         },
         Command::Demo(args) => demo::run(&args).await,
+        Command::Completions { shell } => {
+            exit_on_error(cli_docs::print(&cli_docs::completions(shell)))
+        }
+        Command::Man(args) => exit_on_error(cli_docs::run_man(&args)),
         Command::Admin(args) => match admin_cli::run(&args).await {
             Ok(body) => {
                 println!("{body}");
@@ -38,4 +42,13 @@ async fn main() {
         eprintln!("asyncgate: {e}");
         std::process::exit(1);
     }
+}
+
+/// For the commands that only print: a failed write is exit 1, not a panic.
+fn exit_on_error(result: std::io::Result<()>) -> Result<(), app::AppError> {
+    if let Err(e) = result {
+        eprintln!("asyncgate: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

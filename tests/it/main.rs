@@ -16,6 +16,7 @@ mod lazyfs;
 mod once;
 mod ops;
 mod pacing;
+mod packaging;
 mod powercut;
 mod process;
 mod retention;
