@@ -25,6 +25,7 @@ pub struct Metrics {
     callback_attempts: AtomicU64,
     /// Callbacks refused because their address is in `--callback-deny`.
     callback_refused: AtomicU64,
+    held: AtomicU64,
     callback_failures: AtomicU64,
     /// Credentials the scheduler holds state for (bounded by activity).
     lanes: AtomicU64,
@@ -72,6 +73,11 @@ impl Metrics {
 
     pub fn callback_refused(&self) {
         self.callback_refused.fetch_add(1, Relaxed);
+    }
+
+    /// Status answers held by `Prefer: wait` right now.
+    pub fn set_held(&self, n: usize) {
+        self.held.store(n as u64, Relaxed);
     }
 
     pub fn set_lanes(&self, n: usize) {
@@ -155,6 +161,11 @@ impl Metrics {
             out,
             "# HELP asyncgate_lanes Credentials with scheduler state in memory.\n# TYPE asyncgate_lanes gauge\nasyncgate_lanes {}",
             self.lanes.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_held_requests Status answers held by Prefer: wait.\n# TYPE asyncgate_held_requests gauge\nasyncgate_held_requests {}",
+            self.held.load(Relaxed)
         );
         counter(
             &mut out,

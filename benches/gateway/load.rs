@@ -90,7 +90,12 @@ async fn drive(load: Load) -> Stats {
                 let url = load.url.replace("{i}", &i.to_string());
                 let mut req = client.request(load.method.parse().expect("method"), url);
                 for (n, v) in &load.headers {
-                    req = req.insert_header((n.as_str(), v.as_str()));
+                    match v.contains("{i}") {
+                        true => {
+                            req = req.insert_header((n.as_str(), v.replace("{i}", &i.to_string())))
+                        }
+                        false => req = req.insert_header((n.as_str(), v.as_str())),
+                    }
                 }
                 let t = Instant::now();
                 match req.send_body(load.body.clone()).await {

@@ -6,11 +6,13 @@
 //!     cargo bench --bench gateway -- --quick   # seconds; CI runs it so it cannot rot
 //!     cargo bench --bench gateway -- --steady-secs 300   # a shorter steady state (default 1800)
 //!     cargo bench --bench gateway -- --only pending   # one scenario: accept, polls, e2e,
-//!                                                     # dispatch, pending, sweep or steady
+//!                                                     # dispatch, pending, sweep, held,
+//!                                                     # bulk, keyed or steady
 //!
 //! Timings never fail anything: the table says which targets were met.
 
 mod load;
+mod scripts;
 mod servers;
 mod steady;
 
@@ -29,6 +31,8 @@ struct Sizes {
     /// The steady state: how long, and the retention it runs with.
     steady_secs: u64,
     steady_retention_secs: u64,
+    /// Long-polls held at once.
+    held: usize,
     e2e: usize,
     dispatch_samples: usize,
     pending: usize,
@@ -55,6 +59,7 @@ fn main() {
             load_secs: 2,
             steady_secs: 60,
             steady_retention_secs: 10,
+            held: 1_000,
             e2e: 3_000,
             dispatch_samples: 50,
             pending: 5_000,
@@ -65,6 +70,7 @@ fn main() {
             load_secs: 10,
             steady_secs: 1800,
             steady_retention_secs: 60,
+            held: 10_000,
             e2e: 100_000,
             dispatch_samples: 500,
             pending: 1_000_000,
@@ -130,6 +136,33 @@ fn main() {
         ));
     }
 
+    if run("held") {
+        eprintln!("{} held long-polls ...", sizes.held);
+        rows.push(scripts::held(
+            sizes.held,
+            &upstream_url,
+            &up_state,
+            &dir("held"),
+        ));
+    }
+    if run("bulk") {
+        eprintln!("bulk status ...");
+        rows.push(scripts::bulk(
+            sizes.load_secs,
+            &upstream_url,
+            &up_state,
+            &dir("bulk"),
+        ));
+    }
+    if run("keyed") {
+        eprintln!("accept with Idempotency-Key ...");
+        rows.push(scripts::keyed_accept(
+            sizes.load_secs,
+            &upstream_url,
+            &up_state,
+            &dir("keyed"),
+        ));
+    }
     if run("steady") {
         // 70% of the drain rate measured in this run (a small drain first
         // when the end-to-end scenario did not run).
@@ -163,7 +196,7 @@ fn main() {
     }
 }
 
-fn post_load(url: String, concurrency: usize, requests: usize, secs: u64) -> Load {
+pub(crate) fn post_load(url: String, concurrency: usize, requests: usize, secs: u64) -> Load {
     Load {
         method: "POST",
         url,
@@ -499,6 +532,11 @@ fn sweep(
 }
 
 pub(crate) fn done_count(base: &str) -> String {
+    metric(base, "asyncgate_requests{status=\"done\"}")
+}
+
+/// A series' value from the gateway's `/metrics`, as text ("?" if absent).
+pub(crate) fn metric(base: &str, name: &str) -> String {
     actix_web::rt::System::new().block_on(async {
         let mut res = awc::Client::default()
             .get(format!("{base}/metrics"))
@@ -507,7 +545,7 @@ pub(crate) fn done_count(base: &str) -> String {
             .expect("metrics");
         let text = String::from_utf8_lossy(&res.body().await.expect("body")).into_owned();
         text.lines()
-            .find_map(|l| l.strip_prefix("asyncgate_requests{status=\"done\"} "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .unwrap_or("?")
             .to_string()
     })

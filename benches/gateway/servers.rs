@@ -84,6 +84,10 @@ pub struct Upstream {
     pub arrivals: Arc<Mutex<Vec<Instant>>>,
     pub refuse: Arc<AtomicBool>,
     pub record: Arc<AtomicBool>,
+    /// While set, requests are held unanswered.
+    pub hold: Arc<AtomicBool>,
+    /// With `record`: when each path was answered.
+    pub answered: Arc<Mutex<std::collections::HashMap<String, Instant>>>,
 }
 
 pub fn upstream(state: Upstream) -> Server {
@@ -91,23 +95,35 @@ pub fn upstream(state: Upstream) -> Server {
         let s = state.clone();
         App::new()
             .app_data(web::PayloadConfig::new(16 << 20))
-            .default_service(web::to(move |_body: web::Bytes| {
-                let s = s.clone();
-                async move {
-                    if s.record.load(Ordering::Relaxed) {
-                        s.arrivals.lock().expect("arrivals").push(Instant::now());
+            .default_service(web::to(
+                move |req: actix_web::HttpRequest, _body: web::Bytes| {
+                    let s = s.clone();
+                    async move {
+                        if s.record.load(Ordering::Relaxed) {
+                            s.arrivals.lock().expect("arrivals").push(Instant::now());
+                        }
+                        while s.hold.load(Ordering::Relaxed) {
+                            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        if s.record.load(Ordering::Relaxed) {
+                            let path = req.path().to_string();
+                            s.answered
+                                .lock()
+                                .expect("answered")
+                                .insert(path, Instant::now());
+                        }
+                        if s.refuse.load(Ordering::Relaxed) {
+                            return HttpResponse::TooManyRequests()
+                                .insert_header(("Retry-After", "3600"))
+                                .finish();
+                        }
+                        s.count.fetch_add(1, Ordering::Relaxed);
+                        HttpResponse::Ok()
+                            .content_type("application/json")
+                            .body("{\"ok\":true}")
                     }
-                    if s.refuse.load(Ordering::Relaxed) {
-                        return HttpResponse::TooManyRequests()
-                            .insert_header(("Retry-After", "3600"))
-                            .finish();
-                    }
-                    s.count.fetch_add(1, Ordering::Relaxed);
-                    HttpResponse::Ok()
-                        .content_type("application/json")
-                        .body("{\"ok\":true}")
-                }
-            }))
+                },
+            ))
     })
 }
 

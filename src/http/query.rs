@@ -209,6 +209,7 @@ pub async fn healthz(state: web::Data<State>) -> HttpResponse {
 
 pub async fn metrics(state: web::Data<State>) -> Result<HttpResponse, ApiError> {
     let counts = state.store.counts()?;
+    state.metrics.set_held(state.store.watching());
     let named: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -78,7 +78,8 @@ pub async fn submit(
         None => rest.to_string(),
     };
     // With an Idempotency-Key the body is read first: a repeat stores
-    // nothing, so it is answered before any 429 or 507 (SPEC §10).
+    // nothing, so it gets the first answer even where a 429 or 507 would
+    // refuse a new request (SPEC §10). The writer decides the common case.
     let mut payload = Some(payload);
     let mut body = None;
     let mut idempotency = None;
@@ -87,25 +88,17 @@ pub async fn submit(
     {
         let read = read_body(&req, payload, state.max_body_size).await?;
         idempotency = prefer::idempotency(&req, &method, &target, &read)?;
-        if let Some(idem) = &idempotency {
-            match state.store.idempotent(&lane, idem)? {
-                Some(Ok(first)) => return answer(&state, first, &prefer).await,
-                Some(Err(e)) => return Err(e.into()),
-                None => {}
-            }
-        }
         body = Some(read);
     }
-    // The disk's reserve keeps status, responses and the engine working.
-    if state.store.free_space()? < state.min_free_disk {
-        return Err(ApiError::InsufficientStorage);
-    }
-    // A full queue is refused before the body is read (and checked again,
-    // exactly, where the request is stored).
-    if let Some(cap) = state.max_pending_per_credential
-        && state.store.pending_in_lane(&lane)? >= cap
-    {
-        return Err(ApiError::TooManyPending(cap));
+    if let Err(refused) = admit(&state, &lane) {
+        return match idempotency
+            .map(|i| state.store.idempotent(&lane, &i))
+            .transpose()?
+        {
+            Some(Some(Ok(first))) => answer(&state, first, &prefer).await,
+            Some(Some(Err(e))) => Err(e.into()),
+            _ => Err(refused),
+        };
     }
     let body = match (body, payload) {
         (Some(b), _) => b,
@@ -150,6 +143,21 @@ pub async fn submit(
         Submitted::Again(first) => first,
     };
     answer(&state, rec, &prefer).await
+}
+
+/// The disk's reserve (507) and the credential's queue cap (429), checked
+/// before the body is read (the cap again, exactly, where the request is
+/// stored).
+fn admit(state: &State, lane: &crate::model::LaneKey) -> Result<(), ApiError> {
+    if state.store.free_space()? < state.min_free_disk {
+        return Err(ApiError::InsufficientStorage);
+    }
+    if let Some(cap) = state.max_pending_per_credential
+        && state.store.pending_in_lane(lane)? >= cap
+    {
+        return Err(ApiError::TooManyPending(cap));
+    }
+    Ok(())
 }
 
 /// The answer to a submission (or its repeat under the same
