@@ -18,6 +18,7 @@ struct Sample {
     disk: u64,
     rss: u64,
     done: u64,
+    queued: u64,
 }
 
 pub fn steady(
@@ -63,6 +64,9 @@ pub fn steady(
                     disk: servers::disk_usage(&data),
                     rss: gw.rss_bytes(),
                     done: crate::done_count(&gw.base).parse().unwrap_or(0),
+                    queued: crate::metric(&gw.base, "asyncgate_queue_depth")
+                        .parse()
+                        .unwrap_or(0),
                 });
                 std::thread::sleep(step);
             }
@@ -92,7 +96,7 @@ pub fn steady(
         figure: format!(
             "{rate:.0} req/s for {secs} s, --retention {retention_secs}s ({} errors); from 2× retention to the end: \
              disk {:.0}→{:.0} MiB (max {:.0}), RSS {:.0}→{:.0} MiB (max {:.0}), done and unswept {}→{} (max {}); \
-             accept p99 {} after the first retention vs {} before",
+             queued {}→{} (max {}); accept p99 {} after the first retention vs {} before",
             before.errors + during.errors,
             mib(first.disk),
             mib(last.disk),
@@ -103,6 +107,9 @@ pub fn steady(
             first.done,
             last.done,
             max(|s| s.done),
+            first.queued,
+            last.queued,
+            max(|s| s.queued),
             ms(p_during),
             ms(p_before),
         ),

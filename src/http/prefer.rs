@@ -20,7 +20,9 @@ pub struct Prefer {
 }
 
 impl Prefer {
+    /// `max_wait` counts in whole seconds, as `wait=N` does.
     pub fn of(req: &HttpRequest, max_wait: Duration) -> Prefer {
+        let max_wait = Duration::from_secs(max_wait.as_secs());
         let values = req
             .headers()
             .get_all("prefer")

@@ -150,15 +150,22 @@ impl StatusView {
             ahead,
             paused_until: paused.map(|(until, _)| format_time(until)),
             pause_reason: paused.map(|(_, why)| why.as_str()),
-            callback: rec
-                .callback_state
-                .filter(|_| rec.callback.is_some())
-                .map(|c| CallbackView {
+            // For a request with a callback: pending until its first
+            // event is delivered (or given up).
+            callback: rec.callback.as_ref().map(|_| match rec.callback_state {
+                Some(c) => CallbackView {
                     state: c.phase.as_str(),
                     attempts: c.attempts,
                     last_http_code: c.last_http_code,
                     next_attempt: c.next_attempt_ms.map(format_time),
-                }),
+                },
+                None => CallbackView {
+                    state: "pending",
+                    attempts: 0,
+                    last_http_code: None,
+                    next_attempt: None,
+                },
+            }),
         })
     }
 }

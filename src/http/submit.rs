@@ -177,7 +177,9 @@ async fn answer(
     wait::until_settled(state, &[rec.id], &rec.lane, wait).await;
     let now = wait::visible(state, &rec.id, &rec.lane)?;
     if let Some(done) = now.as_ref().filter(|r| r.status == Status::Done) {
-        let mut res = query::stored_response(done, state)?;
+        // Too large to keep: the 502 still says where the request is.
+        let mut res = query::stored_response(done, state)
+            .unwrap_or_else(|e| actix_web::ResponseError::error_response(&e));
         let content = format!("/async_api/v2/responses/{}.json", rec.id);
         let h = res.headers_mut();
         h.insert(header::CONTENT_LOCATION, header_value(&content)?);

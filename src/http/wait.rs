@@ -37,47 +37,59 @@ pub fn visible(
 }
 
 /// Holds until every one of `ids` visible to `caller` is settled (or gone),
-/// `wait` passes, or the gateway stops.
+/// `wait` passes, or the gateway stops. Only visible, unsettled requests
+/// are watched, and a wake-up re-reads only the request it was for.
 pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, wait: Duration) {
     let deadline = Instant::now() + wait;
     let mut stopping = state.shutdown.clone();
-    loop {
-        if *stopping.borrow() {
-            return;
-        }
-        // Watch first, then look: a change in between is not missed.
-        let mut pending = Vec::new();
-        let mut watched = Vec::new();
-        for id in ids.iter().collect::<HashSet<_>>() {
-            let rx = state.store.watch(id);
-            match visible(state, id, caller) {
-                Ok(Some(r)) if !settled(r.status) => {
-                    pending.push(rx);
-                    watched.push(*id);
-                }
-                _ => drop(rx),
-            }
-        }
-        let more = !pending.is_empty();
-        if more {
-            let woken = select_all(pending);
-            let timeout = Box::pin(tokio::time::sleep_until(deadline));
-            let stop = Box::pin(stopping.wait_for(|s| *s));
-            let either = select(woken, select(timeout, stop)).await;
-            if let Either::Right(_) = either {
-                for id in &watched {
-                    state.store.unwatch(id);
-                }
-                return;
-            }
-        }
-        for id in &watched {
-            state.store.unwatch(id);
-        }
-        if !more || Instant::now() >= deadline {
-            return;
+    let unique: HashSet<RequestId> = ids.iter().copied().collect();
+    let mut watched = Vec::new();
+    let mut waiting = Vec::new();
+    for id in unique {
+        if let Some(woken) = arm(state, id, caller) {
+            watched.push(id);
+            waiting.push(woken);
         }
     }
+    while !waiting.is_empty() && !*stopping.borrow() {
+        let timeout = Box::pin(tokio::time::sleep_until(deadline));
+        let stop = Box::pin(stopping.wait_for(|s| *s));
+        match select(select_all(waiting), select(timeout, stop)).await {
+            Either::Left(((id, _, rest), _)) => {
+                waiting = rest;
+                if let Some(again) = arm(state, id, caller) {
+                    waiting.push(again);
+                }
+            }
+            Either::Right(_) => break,
+        }
+    }
+    for id in &watched {
+        state.store.unwatch(id);
+    }
+}
+
+type Woken = std::pin::Pin<Box<dyn std::future::Future<Output = RequestId>>>;
+
+/// Watches `id` if it is visible and not settled: look, watch, look again,
+/// so that a change in between is not missed. Resolves to `id` on a
+/// change.
+fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Woken> {
+    let unsettled =
+        |state: &State| matches!(visible(state, &id, caller), Ok(Some(r)) if !settled(r.status));
+    if !unsettled(state) {
+        return None;
+    }
+    let rx = state.store.watch(&id);
+    if !unsettled(state) {
+        drop(rx);
+        state.store.unwatch(&id);
+        return None;
+    }
+    Some(Box::pin(async move {
+        let _ = rx.await;
+        id
+    }))
 }
 
 #[derive(Deserialize)]
@@ -101,8 +113,10 @@ pub async fn bulk(
     if asked.ids.is_empty() || asked.ids.len() > 1000 {
         return Err(bad());
     }
-    let credential = single_header(&req, "authorization").ok().flatten();
-    let caller = credential_hash(state.store.salt(), credential);
+    // A repeated credential sees nothing (SPEC §2): every id not found.
+    let caller = single_header(&req, "authorization")
+        .ok()
+        .map(|credential| credential_hash(state.store.salt(), credential));
     let parsed: Vec<(String, Option<RequestId>)> = asked
         .ids
         .iter()
@@ -113,18 +127,18 @@ pub async fn bulk(
         .collect();
     let prefer = Prefer::of(&req, state.max_wait);
     // Another credential's id may not be held for: it is "not found".
-    if let Some(wait) = prefer.wait {
+    if let (Some(wait), Some(caller)) = (prefer.wait, &caller) {
         let ids: Vec<RequestId> = parsed.iter().filter_map(|(_, id)| *id).collect();
-        until_settled(&state, &ids, &caller, wait).await;
+        until_settled(&state, &ids, caller, wait).await;
     }
     let mut items = Vec::new();
     let mut not_found = Vec::new();
     for (raw, id) in parsed {
-        match id
-            .map(|id| visible(&state, &id, &caller))
-            .transpose()?
-            .flatten()
-        {
+        let rec = match (id, &caller) {
+            (Some(id), Some(caller)) => visible(&state, &id, caller)?,
+            _ => None,
+        };
+        match rec {
             Some(rec) => items.push(StatusView::new(&rec, &state)?),
             None => not_found.push(raw),
         }

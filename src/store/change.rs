@@ -250,6 +250,7 @@ impl<'a> Tx<'a> {
         let key = keys::lane(&rec.lane, rec.seq);
         if self.t(LANES).insert(&key[..], rec.id.as_bytes())?.is_none() {
             self.add(&keys::pending(&rec.lane), 1);
+            self.add(&keys::bucket(&rec.lane, rec.seq), 1);
         }
         Ok(())
     }
@@ -257,6 +258,7 @@ impl<'a> Tx<'a> {
     fn lane_take(&self, lane: &LaneKey, seq: u64) -> TxResult<()> {
         if self.t(LANES).remove(&keys::lane(lane, seq)[..])?.is_some() {
             self.add(&keys::pending(lane), -1);
+            self.add(&keys::bucket(lane, seq), -1);
         }
         Ok(())
     }
@@ -289,17 +291,20 @@ impl<'a> Tx<'a> {
         Ok(match change {
             Change::Submit { rec, max_pending } => {
                 let mut rec = RequestRecord::clone(rec);
+                // A repeat is answered before any cap: it stores nothing.
+                if let Some(idem) = rec.idempotency {
+                    match self.idempotent(&rec.lane, &idem, rec.created_ms)? {
+                        Some(Ok(first)) => return Ok(Applied::Duplicate(Box::new(first))),
+                        Some(Err(e)) => return Ok(Applied::Refused(e)),
+                        None => {}
+                    }
+                }
                 if let Some(cap) = max_pending
                     && self.count(&keys::pending(&rec.lane))? >= *cap
                 {
                     return Ok(Applied::Refused(StoreError::LaneFull(*cap)));
                 }
                 if let Some(idem) = rec.idempotency {
-                    match self.idempotent(&rec.lane, &idem)? {
-                        Some(Ok(first)) => return Ok(Applied::Duplicate(Box::new(first))),
-                        Some(Err(e)) => return Ok(Applied::Refused(e)),
-                        None => {}
-                    }
                     let key = keys::idempotency(&rec.lane, &idem.key);
                     self.t(IDEMPOTENCY).insert(&key[..], rec.id.as_bytes())?;
                 }
@@ -484,11 +489,13 @@ impl<'a> Tx<'a> {
     }
 
     /// The request an `Idempotency-Key` of `lane` names, if it still
-    /// exists: `Ok` if it was the same request, `IdempotencyReused` if not.
+    /// exists and is not past its retention at `now_ms`: `Ok` if it was the
+    /// same request, `IdempotencyReused` if not.
     pub(super) fn idempotent(
         &self,
         lane: &LaneKey,
         idem: &Idempotency,
+        now_ms: u64,
     ) -> TxResult<Option<Result<RequestRecord, StoreError>>> {
         let key = keys::idempotency(lane, &idem.key);
         let Some(first) = self.t(IDEMPOTENCY).get(key)? else {
@@ -498,6 +505,7 @@ impl<'a> Tx<'a> {
             return Ok(None);
         };
         Ok(match self.record(&id)? {
+            Ok(Some(f)) if f.is_expired(now_ms) => None,
             Ok(Some(f)) if f.idempotency.map(|i| i.fingerprint) == Some(idem.fingerprint) => {
                 Some(Ok(f))
             }

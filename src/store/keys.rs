@@ -21,6 +21,20 @@ pub fn idempotency(lane: &LaneKey, key: &[u8; 32]) -> [u8; 64] {
     k
 }
 
+/// Sequence numbers a `bucket` counter covers (a power of two).
+pub const BUCKET_SEQS: u64 = 1 << 12;
+
+/// The `counters` key of a lane's count of queued requests whose sequence
+/// numbers fall in one bucket: `ahead` sums buckets instead of walking a
+/// long queue.
+pub fn bucket(lane: &LaneKey, seq: u64) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[0] = b'b';
+    k[1..33].copy_from_slice(lane);
+    k[33..].copy_from_slice(&(seq / BUCKET_SEQS).to_be_bytes());
+    k
+}
+
 pub fn lane(lane: &LaneKey, seq: u64) -> [u8; 40] {
     let mut k = [0u8; 40];
     k[..32].copy_from_slice(lane);

@@ -20,8 +20,9 @@
 //! | `by_status` | status, id | — (`started` and `unknown` only) |
 //! | `expiry` | expires at, id | — (retention, oldest first) |
 //! | `callbacks` | due at, id | attempts so far |
-//! | `counters` | status; `p` + lane; `s` + segment | count |
+//! | `counters` | status; `p` + lane; `b` + lane + seq bucket; `s` + segment | count |
 //! | `meta` | `format`, `checkpoint` | |
+//! | `idempotency` | lane, hashed `Idempotency-Key` | id |
 //!
 //! Journal segments are deleted whole, once no record references a blob in
 //! them and the checkpoint is past them: retention drops time-ordered

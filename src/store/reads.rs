@@ -187,22 +187,28 @@ impl Store {
         }))
     }
 
-    /// Requests before `rec` in its lane (SPEC §10 `ahead`): counted up to
-    /// `AHEAD_EXACT`; past that, the lane's length less one, which is
+    /// Requests before `rec` in its lane (SPEC §10 `ahead`), exact: the
+    /// lane's per-bucket counts before its bucket, then a walk of at most
+    /// one bucket. Past `MAX_BUCKETS` non-empty buckets (a queue spread
+    /// very thin over the sequence), the lane's length less one, which is
     /// never below the truth.
     pub fn ahead(&self, rec: &RequestRecord) -> Result<u64, StoreError> {
-        const AHEAD_EXACT: usize = 20_000;
-        let start = keys::lane(&rec.lane, 0);
-        let end = keys::lane(&rec.lane, rec.seq);
-        let mut n = 0;
-        for key in self.tree(LANES).range(start..end).keys() {
-            key?;
-            n += 1;
-            if n > AHEAD_EXACT {
+        const MAX_BUCKETS: usize = 100_000;
+        let first_of_bucket = rec.seq - rec.seq % keys::BUCKET_SEQS;
+        let buckets = keys::bucket(&rec.lane, 0)..keys::bucket(&rec.lane, first_of_bucket);
+        let mut n = 0u64;
+        for (i, v) in self.tree(COUNTERS).range(buckets).values().enumerate() {
+            if i >= MAX_BUCKETS {
                 return Ok(self.pending_in_lane(&rec.lane)?.saturating_sub(1));
             }
+            n += codec::u64_be(&v?);
         }
-        Ok(n as u64)
+        let within = keys::lane(&rec.lane, first_of_bucket)..keys::lane(&rec.lane, rec.seq);
+        for key in self.tree(LANES).range(within).keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// When the earliest retention ends.

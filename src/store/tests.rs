@@ -616,3 +616,33 @@ fn a_data_dir_of_the_old_format_is_refused_with_what_to_do() {
     assert!(matches!(err, StoreError::Format(_)), "{err:?}");
     assert!(err.to_string().contains("older asyncgate"), "{err}");
 }
+
+/// `ahead` sums per-bucket counts and walks one bucket: exact across
+/// buckets, after claims and cancels.
+#[test]
+fn ahead_is_exact_across_buckets_claims_and_cancels() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let n = 3 * keys::BUCKET_SEQS as usize;
+    let answers: Vec<_> = (0..n)
+        .map(|_| {
+            s.writer
+                .send(new_request(1, "POST", vec![], false).into_op_for_tests())
+        })
+        .collect();
+    let recs: Vec<RequestRecord> = answers
+        .into_iter()
+        .map(|a| match a.blocking_recv().unwrap().unwrap().pop() {
+            Some(change::Applied::Stored(r)) => *r,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let last = recs.last().unwrap();
+    assert_eq!(s.ahead(last).unwrap(), n as u64 - 1);
+    assert_eq!(s.ahead(&recs[0]).unwrap(), 0);
+    claim(&s, &[1; 32], 5).unwrap();
+    assert!(block(s.cancel(&recs[n / 2].id)).unwrap());
+    assert!(block(s.cancel(&recs[n - 2].id)).unwrap());
+    assert_eq!(s.ahead(last).unwrap(), n as u64 - 4);
+    assert_eq!(s.ahead(&recs[n / 2 + 1]).unwrap(), (n / 2 - 1) as u64);
+}

@@ -219,6 +219,24 @@ async fn bulk_wait_holds_until_every_visible_request_is_done() {
     assert_eq!(v["items"][0]["status"], "done", "{v}");
     assert_eq!(v["items"][1]["status"], "done", "{v}");
     assert_eq!(v["not_found"].as_array().unwrap().len(), 1);
+    // Ids nobody waits on, or that are done, leave no waiter behind.
+    let ghosts: Vec<String> = (0..200)
+        .map(|i| format!("\"01ARZ3NDEKTSV4RRFFQ69G5{i:03}\""))
+        .collect();
+    let body = format!("{{\"ids\": [{}, \"{late}\"]}}", ghosts.join(","));
+    let r = bulk(&app, OWNER, &body, Some("wait=1")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(app.metric("asyncgate_held_requests").await, Some(0));
+    // A repeated credential sees nothing.
+    let twice = app
+        .call(
+            "POST",
+            "/async_api/v2/requests.json",
+            &[("Authorization", OWNER), ("Authorization", OWNER)],
+            format!("{{\"ids\": [\"{early}\"]}}").as_bytes(),
+        )
+        .await;
+    assert_eq!(twice.json()["items"], serde_json::json!([]));
 }
 
 async fn keyed(app: &TestApp, key: &str, body: &[u8]) -> Answer {
@@ -273,6 +291,23 @@ async fn an_idempotency_key_gives_the_first_answer_again_and_stores_once() {
     let app = app.restart().await;
     let after = keyed(&app, "order-1", b"{\"n\":1}").await;
     assert_eq!(after.json()["id"], first.json()["id"]);
+}
+
+#[actix_web::test]
+async fn a_key_goes_with_its_request_at_the_end_of_its_retention() {
+    let up = Fake::start().await;
+    let app = TestApp::start(&up.url(), &["--retention", "1s"]).await;
+    let first = keyed(&app, "short-lived", b"x").await.json()["id"].clone();
+    app.wait_for_status(first.as_str().unwrap(), AUTH, "done", SECS(10))
+        .await;
+    actix_web::rt::time::sleep(Duration::from_millis(1300)).await;
+    let again = keyed(&app, "short-lived", b"x").await;
+    assert_eq!(again.status, 202);
+    assert_ne!(
+        again.json()["id"],
+        first,
+        "past retention the key names nothing"
+    );
 }
 
 #[actix_web::test]
