@@ -25,6 +25,7 @@ bulk status, Prefer: wait).
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -123,7 +124,7 @@ def main():
     deadline = time.monotonic() + timeout
     rounds = 0
     while waiting and time.monotonic() < deadline:
-        wait = max(1, min(WAIT, int(deadline - time.monotonic())))
+        wait = max(1, min(WAIT, math.ceil(deadline - time.monotonic())))
         for start in range(0, len(waiting), BULK_MAX):
             chunk = waiting[start:start + BULK_MAX]
             code, headers, answer = call(
