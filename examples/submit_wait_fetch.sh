@@ -27,8 +27,8 @@ trap 'rm -rf "$scratch"' EXIT
 
 # The value of header $1 in the header dump $2 (the last one, if repeated).
 header() { tr -d '\r' <"$2" | sed -n "s/^$1: *//Ip" | tail -n1; }
-# The string field $1 of the JSON object in file $2 (flat objects only,
-# which is what the gateway's status views are).
+# The string field $1 of the JSON object in file $2 (a top-level field
+# whose name appears once: good enough for the gateway's status views).
 field() { sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p" "$2"; }
 
 # 1. Submit. 202 means the request is on disk: it will run.
