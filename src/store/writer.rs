@@ -112,33 +112,75 @@ impl Writer {
         Some(q.ops.drain(..n).collect())
     }
 
-    /// The writer thread's loop.
-    /// A panic in a round stops the store (fatal: the app exits and a
+    /// The writer's two stages, pipelined: this thread frames, writes and
+    /// fsyncs round after round; an applier thread applies each synced
+    /// round to sled and answers it, while the next round's fsync runs.
+    /// Claims are resolved against the trees as the applier has left them,
+    /// which may be a round behind: a head taken meanwhile is `Skipped`,
+    /// one added meanwhile found on the dispatcher's next turn (it awaits
+    /// its claims before handling the events that announced them).
+    ///
+    /// A panic in either stage stops the store (fatal: the app exits and a
     /// restart recovers) and answers everything queued, rather than leave
     /// writers waiting on a thread that is gone.
     pub(super) fn run(&self, store: &super::Core) {
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            while let Some(ops) = self.take() {
-                if let Some(why) = store.fatal.failed() {
-                    for (_, reply) in ops {
-                        let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+        let (to_apply, applying) = std::sync::mpsc::sync_channel::<Written>(2);
+        std::thread::scope(|scope| {
+            let applier = std::thread::Builder::new()
+                .name("asyncgate-apply".into())
+                .spawn_scoped(scope, move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        for written in applying.iter() {
+                            store.apply_written(written);
+                        }
+                    }));
+                    if ran.is_err() {
+                        store.fatal.fail("the store's applier panicked".into());
                     }
-                    continue;
+                });
+            if let Err(e) = applier {
+                store
+                    .fatal
+                    .fail(format!("starting the store's applier failed: {e}"));
+            }
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while let Some(ops) = self.take() {
+                    if let Some(why) = store.fatal.failed() {
+                        for (_, reply) in ops {
+                            let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                        }
+                        continue;
+                    }
+                    if let Some(written) = store.journal_round(ops)
+                        && let Err(lost) = to_apply.send(written)
+                    {
+                        store.fail_round(
+                            lost.0.placed.into_iter().map(|(f, _)| f.reply),
+                            "the store's applier stopped".into(),
+                        );
+                    }
                 }
-                store.round(ops);
+            }));
+            drop(to_apply);
+            if ran.is_err() {
+                store.fatal.fail("the store's writer panicked".into());
+                let mut q = self.lock();
+                q.dead = true;
+                for (_, reply) in q.ops.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unavailable(
+                        "the store's writer panicked".into(),
+                    )));
+                }
             }
-        }));
-        if ran.is_err() {
-            store.fatal.fail("the store's writer panicked".into());
-            let mut q = self.lock();
-            q.dead = true;
-            for (_, reply) in q.ops.drain(..) {
-                let _ = reply.send(Err(StoreError::Unavailable(
-                    "the store's writer panicked".into(),
-                )));
-            }
-        }
+        });
     }
+}
+
+/// A round on disk, waiting to be applied, with the journal position just
+/// past it (the checkpoint its transaction records).
+struct Written {
+    placed: Vec<(Framed, Position)>,
+    end: Position,
 }
 
 /// One operation's entries, framed, before they are written.
@@ -160,14 +202,15 @@ struct Entries {
 }
 
 impl super::Core {
-    /// One group-commit round.
-    fn round(&self, ops: Vec<(Op, Reply)>) {
+    /// The journal half of a group-commit round: frame, write, fsync.
+    /// `None` when nothing is left to apply (all refused, or failed).
+    fn journal_round(&self, ops: Vec<(Op, Reply)>) -> Option<Written> {
         if let Err(e) = self.journal.roll_if_full() {
             self.fail_round(
                 ops.into_iter().map(|(_, r)| r),
                 format!("starting a journal segment failed: {e}"),
             );
-            return;
+            return None;
         }
         let mut framed = Vec::with_capacity(ops.len());
         let mut claimed: std::collections::HashMap<LaneKey, usize> = Default::default();
@@ -179,9 +222,7 @@ impl super::Core {
                 }
             }
         }
-        let Some(placed) = self.write_all(framed) else {
-            return;
-        };
+        let placed = self.write_all(framed)?;
         // (A round of empty claims alone wrote nothing to sync.)
         let written = placed.iter().any(|(f, _)| !f.entries.bytes.is_empty());
         let synced = if written { self.journal.sync() } else { Ok(()) };
@@ -190,11 +231,23 @@ impl super::Core {
                 placed.into_iter().map(|(f, _)| f.reply),
                 format!("fsync of the journal failed: {e}"),
             );
-            return;
+            return None;
         }
         let end = self.journal.end();
-        let applied = self.apply_round(&placed, end);
-        match applied {
+        Some(Written { placed, end })
+    }
+
+    /// The sled half: apply a synced round in one transaction, wake the
+    /// waiters of what it finished, answer it.
+    fn apply_written(&self, written: Written) {
+        let Written { placed, end } = written;
+        if let Some(why) = self.fatal.failed() {
+            for (f, _) in placed {
+                let _ = f.reply.send(Err(StoreError::Unavailable(why.clone())));
+            }
+            return;
+        }
+        match self.apply_round(&placed, end) {
             Ok(results) => {
                 self.wake(
                     placed
