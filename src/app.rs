@@ -57,6 +57,12 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
             "--concurrency and --per-credential-concurrency must be at least 1".into(),
         ));
     }
+    // A body or a response is one journal entry, whose length is 32 bits.
+    if args.max_body_size > 1 << 30 || args.max_response_size > 1 << 30 {
+        return Err(AppError::Config(
+            "--max-body-size and --max-response-size are at most 1GiB".into(),
+        ));
+    }
     if args.per_credential_rps == Some(0) {
         return Err(AppError::Config(
             "--per-credential-rps must be at least 1 (leave it out for no limit)".into(),

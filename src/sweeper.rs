@@ -17,8 +17,8 @@ use crate::store::{Store, StoreError};
 /// Requests deleted per round, and the pause after a full one: a round
 /// of deletes shares the writer with submissions, so runs stay short
 /// (measured in benches/RESULTS.md: accept p99 during a sweep).
-const BATCH: usize = 256;
-const PAUSE: Duration = Duration::from_millis(2);
+const BATCH: usize = 128;
+const PAUSE: Duration = Duration::from_millis(1);
 /// The longest sleep: new expiries are noticed within it (one cheap
 /// look at the expiry index a second).
 const MAX_IDLE: Duration = Duration::from_secs(1);

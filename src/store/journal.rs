@@ -137,18 +137,22 @@ impl Journal {
 
     /// Writes framed entries at `end()`. On failure nothing of them
     /// counts: the segment is cut back to where they began.
+    #[cfg(test)]
     pub fn write(&self, framed: &[u8]) -> std::io::Result<Position> {
+        self.write_parts(&[framed])
+    }
+
+    /// `write` of several buffers, one after another, without copying
+    /// them together.
+    pub fn write_parts(&self, parts: &[&[u8]]) -> std::io::Result<Position> {
         let mut w = self.lock();
         let at = Position {
             segment: w.segment,
             offset: w.len,
         };
-        match w.file.write_all_at(framed, at.offset) {
-            Ok(()) => {
-                w.len += framed.len() as u64;
-                Ok(at)
-            }
-            Err(e) => {
+        let mut offset = at.offset;
+        for part in parts {
+            if let Err(e) = w.file.write_all_at(part, offset) {
                 // Cut back, durably: refused entries must not come back
                 // whole after a power cut. If that fails, nothing can be
                 // said of the file any more (the caller treats a non-space
@@ -159,9 +163,12 @@ impl Journal {
                     .map_err(|undo| {
                         std::io::Error::other(format!("{e}, and cutting it back failed: {undo}"))
                     })?;
-                Err(e)
+                return Err(e);
             }
+            offset += part.len() as u64;
         }
+        w.len = offset;
+        Ok(at)
     }
 
     /// fsyncs everything written so far (and the directory, after a new

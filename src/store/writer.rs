@@ -23,11 +23,24 @@ use crate::model::{BodyRef, LaneKey, RequestId};
 
 /// Operations per round, at most (more wait for the next).
 const MAX_ROUND: usize = 1024;
+/// Bytes of bodies and responses per round, at most (but one operation).
+const MAX_ROUND_BYTES: usize = 64 << 20;
 
 type Reply = oneshot::Sender<Result<Vec<Applied>, StoreError>>;
 
 /// A change with its blobs (bodies, a response), as queued.
 pub(super) type WithBlobs = (Change, Vec<Vec<u8>>);
+
+impl Op {
+    /// The bytes of bodies and responses it carries.
+    fn size(&self) -> usize {
+        match self {
+            Op::Changes(c) => c.iter().flat_map(|(_, b)| b).map(Vec::len).sum(),
+            Op::Submit(_, body) => body.len(),
+            Op::Claim { .. } => 0,
+        }
+    }
+}
 
 /// An operation queued for the writer.
 pub(super) enum Op {
@@ -108,7 +121,20 @@ impl Writer {
         if q.ops.is_empty() {
             return None;
         }
-        let n = q.ops.len().min(MAX_ROUND);
+        // At most MAX_ROUND operations and, past the first, MAX_ROUND_BYTES
+        // of bodies: a round's bytes are held in memory until written.
+        let mut bytes = 0;
+        let n = q
+            .ops
+            .iter()
+            .take(MAX_ROUND)
+            .take_while(|(op, _)| {
+                let first = bytes == 0;
+                bytes += op.size();
+                first || bytes <= MAX_ROUND_BYTES
+            })
+            .count()
+            .max(1);
         Some(q.ops.drain(..n).collect())
     }
 
@@ -205,12 +231,17 @@ impl super::Core {
     /// The journal half of a group-commit round: frame, write, fsync.
     /// `None` when nothing is left to apply (all refused, or failed).
     fn journal_round(&self, ops: Vec<(Op, Reply)>) -> Option<Written> {
+        // A full disk can refuse the new segment: the current one then
+        // grows past its size, and what does not fit is refused below.
         if let Err(e) = self.journal.roll_if_full() {
-            self.fail_round(
-                ops.into_iter().map(|(_, r)| r),
-                format!("starting a journal segment failed: {e}"),
-            );
-            return None;
+            if !out_of_space(&e) {
+                self.fail_round(
+                    ops.into_iter().map(|(_, r)| r),
+                    format!("starting a journal segment failed: {e}"),
+                );
+                return None;
+            }
+            log::warn!("no space for a new journal segment; writing on in the current one");
         }
         let mut framed = Vec::with_capacity(ops.len());
         let mut claimed: std::collections::HashMap<LaneKey, usize> = Default::default();
@@ -383,7 +414,7 @@ impl super::Core {
     /// Writes the round's entries in one go. `None` when the journal
     /// failed (the store is then fatal).
     fn write_all(&self, framed: Vec<Framed>) -> Option<Vec<(Framed, Position)>> {
-        match self.journal.write(&concat(&framed)) {
+        match self.journal.write_parts(&parts(&framed)) {
             Ok(at) => Some(place(framed, at)),
             Err(e) if out_of_space(&e) => {
                 // A full disk: submissions and claims are refused (507, or
@@ -397,7 +428,7 @@ impl super::Core {
                 if kept.is_empty() {
                     return Some(Vec::new());
                 }
-                match self.journal.write(&concat(&kept)) {
+                match self.journal.write_parts(&parts(&kept)) {
                     Ok(at) => Some(place(kept, at)),
                     Err(e) => {
                         let why = format!("writing the journal failed: {e}");
@@ -476,12 +507,8 @@ impl super::Core {
     }
 }
 
-fn concat(framed: &[Framed]) -> Vec<u8> {
-    let mut all = Vec::with_capacity(framed.iter().map(|f| f.entries.bytes.len()).sum());
-    for f in framed {
-        all.extend_from_slice(&f.entries.bytes);
-    }
-    all
+fn parts(framed: &[Framed]) -> Vec<&[u8]> {
+    framed.iter().map(|f| f.entries.bytes.as_slice()).collect()
 }
 
 /// Each operation's position, its entries written one after another at `at`.
