@@ -249,7 +249,10 @@ fn raise_open_files_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                log::warn!("could not raise the open files limit: {}", std::io::Error::last_os_error());
+                log::warn!(
+                    "could not raise the open files limit: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }

@@ -48,7 +48,10 @@ impl Pauses {
 
     /// The lane's pause, if it lasts beyond now.
     pub fn of(&self, lane: &LaneKey) -> Option<(u64, PauseReason)> {
-        self.lock().get(lane).copied().filter(|(until, _)| *until > now_ms())
+        self.lock()
+            .get(lane)
+            .copied()
+            .filter(|(until, _)| *until > now_ms())
     }
 
     fn publish(&self, lane: LaneKey, sched: &Scheduler) {
@@ -390,8 +393,8 @@ async fn execute(ctx: &Context, rec: &RequestRecord) -> Feedback {
             (op, Feedback::FailedAfterSend { requeued: false })
         }
     };
-    let done_with_callback = matches!(op, Settle::Complete { .. } | Settle::Unknown { .. })
-        && rec.callback.is_some();
+    let done_with_callback =
+        matches!(op, Settle::Complete { .. } | Settle::Unknown { .. }) && rec.callback.is_some();
     match settle(ctx, op).await {
         Ok(true) if done_with_callback => ctx.callbacks.notify_one(),
         Ok(_) => {}

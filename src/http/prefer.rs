@@ -118,19 +118,35 @@ mod tests {
     fn wait_and_respond_async_in_any_form_rfc_7240_allows() {
         assert_eq!(parse(&["wait=5"]).wait, Some(Duration::from_secs(5)));
         let p = parse(&["respond-async, wait=10"]);
-        assert_eq!((p.respond_async, p.wait), (true, Some(Duration::from_secs(10))));
+        assert_eq!(
+            (p.respond_async, p.wait),
+            (true, Some(Duration::from_secs(10)))
+        );
         let p = parse(&["Respond-Async", "WAIT = \"7\"; x=y"]);
-        assert_eq!((p.respond_async, p.wait), (true, Some(Duration::from_secs(7))));
+        assert_eq!(
+            (p.respond_async, p.wait),
+            (true, Some(Duration::from_secs(7)))
+        );
         assert_eq!(parse(&["wait=3600"]).wait, Some(CAP), "capped");
         assert_eq!(parse(&["wait=99999999999999999999999"]).wait, Some(CAP));
     }
 
     #[test]
     fn malformed_preferences_are_ignored() {
-        for bad in ["wait", "wait=", "wait=-1", "wait=1.5", "wait=abc", "handling=lenient"] {
+        for bad in [
+            "wait",
+            "wait=",
+            "wait=-1",
+            "wait=1.5",
+            "wait=abc",
+            "handling=lenient",
+        ] {
             assert_eq!(parse(&[bad]), Prefer::default(), "{bad}");
         }
-        assert_eq!(parse(&["wait=x, wait=4"]).wait, Some(Duration::from_secs(4)));
+        assert_eq!(
+            parse(&["wait=x, wait=4"]).wait,
+            Some(Duration::from_secs(4))
+        );
     }
 
     #[test]
@@ -138,7 +154,15 @@ mod tests {
         assert_eq!(key_of(b"abc"), Some(&b"abc"[..]));
         assert_eq!(key_of(b"\"abc\""), Some(&b"abc"[..]));
         assert_eq!(key_of(&[b'k'; 255]).map(<[u8]>::len), Some(255));
-        for bad in [&b""[..], b"\"\"", b"a b", b"caf\xc3\xa9", &[b'k'; 256], b"\"a", b"a\"b"] {
+        for bad in [
+            &b""[..],
+            b"\"\"",
+            b"a b",
+            b"caf\xc3\xa9",
+            &[b'k'; 256],
+            b"\"a",
+            b"a\"b",
+        ] {
             assert_eq!(key_of(bad), None, "{bad:?}");
         }
     }

@@ -1,8 +1,8 @@
 //! Reads: status, the stored response, health and metrics. Every lookup
 //! answers the same 404 for an unknown, malformed, expired or foreign id.
 
-use actix_web::http::{Method, StatusCode};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 use serde_json::json;
@@ -150,14 +150,15 @@ impl StatusView {
             ahead,
             paused_until: paused.map(|(until, _)| format_time(until)),
             pause_reason: paused.map(|(_, why)| why.as_str()),
-            callback: rec.callback_state.filter(|_| rec.callback.is_some()).map(|c| {
-                CallbackView {
+            callback: rec
+                .callback_state
+                .filter(|_| rec.callback.is_some())
+                .map(|c| CallbackView {
                     state: c.phase.as_str(),
                     attempts: c.attempts,
                     last_http_code: c.last_http_code,
                     next_attempt: c.next_attempt_ms.map(format_time),
-                }
-            }),
+                }),
         })
     }
 }

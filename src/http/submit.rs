@@ -155,7 +155,11 @@ pub async fn submit(
 /// The answer to a submission (or its repeat under the same
 /// Idempotency-Key): 202 with its `Location`; with `Prefer: wait=N`, the
 /// stored response itself if it is `done` within N seconds.
-async fn answer(state: &State, rec: RequestRecord, prefer: &Prefer) -> Result<HttpResponse, ApiError> {
+async fn answer(
+    state: &State,
+    rec: RequestRecord,
+    prefer: &Prefer,
+) -> Result<HttpResponse, ApiError> {
     let location = format!("/async_api/v2/requests/{}.json", rec.id);
     let Some(wait) = prefer.wait else {
         return Ok(HttpResponse::build(StatusCode::ACCEPTED)
@@ -177,11 +181,16 @@ async fn answer(state: &State, rec: RequestRecord, prefer: &Prefer) -> Result<Ht
     }
     let view = match &now {
         Some(r) => serde_json::to_value(StatusView::new(r, state)?).unwrap_or_default(),
-        None => json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)}),
+        None => {
+            json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})
+        }
     };
     Ok(HttpResponse::build(StatusCode::ACCEPTED)
         .insert_header((header::LOCATION, location))
-        .insert_header(("preference-applied", format!("respond-async, {}", applied_wait(wait))))
+        .insert_header((
+            "preference-applied",
+            format!("respond-async, {}", applied_wait(wait)),
+        ))
         .json(view))
 }
 

@@ -120,7 +120,11 @@ pub async fn bulk(
     let mut items = Vec::new();
     let mut not_found = Vec::new();
     for (raw, id) in parsed {
-        match id.map(|id| visible(&state, &id, &caller)).transpose()?.flatten() {
+        match id
+            .map(|id| visible(&state, &id, &caller))
+            .transpose()?
+            .flatten()
+        {
             Some(rec) => items.push(StatusView::new(&rec, &state)?),
             None => not_found.push(raw),
         }

@@ -15,8 +15,8 @@ use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalT
 use super::keys;
 use super::{Claim, StoreError, codec};
 use crate::model::{
-    BodyRef, CallbackPhase, CallbackState, Idempotency, LaneKey, Outcome, RequestId,
-    RequestRecord, ResponseRefs, Status,
+    BodyRef, CallbackPhase, CallbackState, Idempotency, LaneKey, Outcome, RequestId, RequestRecord,
+    ResponseRefs, Status,
 };
 
 pub(super) const RECORDS: usize = 0;
@@ -94,24 +94,17 @@ pub(super) enum Change {
         keep_ms: u64,
     },
     /// A `done` or `unknown` request and all it holds.
-    Delete {
-        id: RequestId,
-    },
+    Delete { id: RequestId },
     /// The owner's cancel: an `enqueued` request too (never sent then);
     /// a `started` one is refused (`InFlight`).
-    Cancel {
-        id: RequestId,
-    },
+    Cancel { id: RequestId },
     /// Whatever of `due` (expiry entries) is past retention at `now_ms`.
     Expire {
         now_ms: u64,
         due: Vec<(u64, RequestId)>,
     },
     /// An operator's requeue of an `unknown` request, to its lane's tail.
-    RequeueUnknown {
-        id: RequestId,
-        seq: u64,
-    },
+    RequeueUnknown { id: RequestId, seq: u64 },
     /// Delivered (a 2xx with `code`), or moot (`None`: the request is
     /// gone).
     CallbackDone {
@@ -126,10 +119,7 @@ pub(super) enum Change {
         code: Option<u16>,
     },
     /// Its retention ended before any receiver took it.
-    CallbackGaveUp {
-        due_ms: u64,
-        id: RequestId,
-    },
+    CallbackGaveUp { due_ms: u64, id: RequestId },
 }
 
 /// What applying a change did.

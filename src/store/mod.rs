@@ -37,21 +37,21 @@ mod reads;
 mod recovery;
 mod writer;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use fatal::Fatal;
 pub use change::CallbackEntry;
+pub use fatal::Fatal;
 pub use ops::{Completion, NewRequest, Recovered, Settle, Submitted};
 
 use crate::model::{RequestId, RequestRecord};
-use tokio::sync::oneshot;
 use change::{COUNTERS, META, TREES};
 use journal::{Journal, Position};
+use tokio::sync::oneshot;
 use writer::Writer;
 
 #[derive(Debug, thiserror::Error)]
@@ -332,7 +332,9 @@ impl Store {
 }
 
 impl Core {
-    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Vec<oneshot::Sender<()>>>> {
+    fn lock_waiters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<RequestId, Vec<oneshot::Sender<()>>>> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 

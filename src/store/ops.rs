@@ -10,8 +10,7 @@ use super::change::{Applied, Change};
 use super::writer::{Op, WithBlobs};
 use super::{Claim, Store, StoreError, codec};
 use crate::model::{
-    Callback, Header, Idempotency, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead,
-    Status,
+    Callback, Header, Idempotency, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead, Status,
 };
 
 /// What the HTTP layer hands over for a new request.
@@ -105,7 +104,9 @@ fn submitted(a: Applied) -> Result<Submitted, StoreError> {
     match a {
         Applied::Stored(rec) => Ok(Submitted::New(*rec)),
         Applied::Duplicate(rec) => Ok(Submitted::Again(*rec)),
-        other => Err(StoreError::Codec(format!("a submission answered {other:?}"))),
+        other => Err(StoreError::Codec(format!(
+            "a submission answered {other:?}"
+        ))),
     }
 }
 

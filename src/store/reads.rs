@@ -4,8 +4,8 @@
 
 use sled::IVec;
 
-use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, IDEMPOTENCY, LANES, RECORDS};
 use super::CallbackEntry;
+use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, IDEMPOTENCY, LANES, RECORDS};
 use super::{Store, StoreError, codec, keys};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
@@ -168,10 +168,17 @@ impl Store {
         lane: &LaneKey,
         idem: &Idempotency,
     ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
-        let Some(first) = self.tree(IDEMPOTENCY).get(keys::idempotency(lane, &idem.key))? else {
+        let Some(first) = self
+            .tree(IDEMPOTENCY)
+            .get(keys::idempotency(lane, &idem.key))?
+        else {
             return Ok(None);
         };
-        let Some(rec) = keys::id_from(&first).map(|id| self.get(&id)).transpose()?.flatten() else {
+        let Some(rec) = keys::id_from(&first)
+            .map(|id| self.get(&id))
+            .transpose()?
+            .flatten()
+        else {
             return Ok(None);
         };
         Ok(Some(match rec.idempotency {

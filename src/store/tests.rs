@@ -72,7 +72,7 @@ fn requeue(s: &Store, id: &RequestId, claims: u32) -> bool {
         claims,
         sent: true,
     })
-        .unwrap()
+    .unwrap()
 }
 
 fn complete(
@@ -304,7 +304,12 @@ fn callbacks_move_to_their_next_due_time() {
     let st = s.get(&rec.id).unwrap().unwrap().callback_state.unwrap();
     assert_eq!(
         (st.phase, st.attempts, st.last_http_code, st.next_attempt_ms),
-        (crate::model::CallbackPhase::Pending, 1, Some(500), Some(1_010))
+        (
+            crate::model::CallbackPhase::Pending,
+            1,
+            Some(500),
+            Some(1_010)
+        )
     );
     assert!(s.due_callbacks(1_009, 10).unwrap().is_empty());
     assert_eq!(s.next_callback_due().unwrap(), Some(1_010));

@@ -196,7 +196,12 @@ impl super::Core {
         let applied = self.apply_round(&placed, end);
         match applied {
             Ok(results) => {
-                self.wake(placed.iter().flat_map(|(f, _)| f.entries.changes.iter()).flat_map(|(c, _, _)| finishing(c)));
+                self.wake(
+                    placed
+                        .iter()
+                        .flat_map(|(f, _)| f.entries.changes.iter())
+                        .flat_map(|(c, _, _)| finishing(c)),
+                );
                 for ((f, _), r) in placed.into_iter().zip(results) {
                     let _ = f.reply.send(Ok(r));
                 }
