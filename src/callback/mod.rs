@@ -1,9 +1,15 @@
-//! Callback delivery. Pending callbacks are stored (the `callbacks` tree,
-//! keyed by due time), so they survive restarts; this loop sends the due
-//! ones, removes each on a 2xx and otherwise moves it to its next due time
-//! (1 s doubling, capped at 10 min) until the request's retention ends.
-//! Delivery is at least once: a crash between a 2xx and its removal sends
-//! it again.
+//! Callback delivery. Each callback event (SPEC §4: a request that became
+//! `done` or `unknown`; a requeued one that ends `done` has a second) is
+//! stored (the `callbacks` tree, keyed by due time), so it survives
+//! restarts; this loop sends the due ones, removes each on a 2xx and
+//! otherwise moves it to its next due time (1 s doubling, capped at 10
+//! min) until the request's retention ends. Delivery is at least once: a
+//! crash between a 2xx and its removal sends it again, with the same
+//! `webhook-id` (`{id}_{event}`), by which receivers dedupe.
+//!
+//! An event announces what its entry says (`status`), whatever the request
+//! became since: an `unknown` event still being retried when an operator
+//! requeued the request is still an `unknown` event.
 //!
 //! The client's connector refuses addresses in `--callback-deny` (SPEC §9);
 //! such a refusal is one more failed attempt, logged by id and counted on
@@ -12,22 +18,23 @@
 
 mod target;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use awc::error::SendRequestError;
 use awc::http::Method;
-use std::collections::HashSet;
-
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, watch};
 
+use target::Target;
+
 use crate::metrics::Metrics;
-use crate::model::{CallbackMethod, RequestId, now_ms};
+use crate::model::{CallbackMethod, RequestId, RequestRecord, Status, now_ms};
 use crate::net;
 use crate::scheduler::pacing::doubling;
 use crate::store::{CallbackEntry, Store, StoreError};
-use target::Target;
 
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
 /// Callbacks being delivered at once, at most.
@@ -41,7 +48,7 @@ pub struct Callbacks {
     pub store: Arc<Store>,
     pub client: awc::Client,
     pub metrics: Arc<Metrics>,
-    /// Makes `response_url` absolute when set.
+    /// Makes `response_url` and `status_url` absolute when set.
     pub public_url: Option<String>,
     pub wake: Arc<Notify>,
     /// On stop, how long deliveries in flight may still finish.
@@ -50,11 +57,49 @@ pub struct Callbacks {
 
 /// The `response_url` the contract names.
 pub fn response_url(public_url: Option<&str>, id: &RequestId) -> String {
-    let path = format!("/async_api/v2/responses/{id}.json");
+    public(public_url, &format!("/async_api/v2/responses/{id}.json"))
+}
+
+/// The status path, as an `unknown` callback's `status_url` names it.
+pub fn status_url(public_url: Option<&str>, id: &RequestId) -> String {
+    public(public_url, &format!("/async_api/v2/requests/{id}.json"))
+}
+
+/// `path`, absolute under `--public-url` when it is set.
+fn public(public_url: Option<&str>, path: &str) -> String {
     match public_url {
         Some(base) => format!("{}{path}", base.trim_end_matches('/')),
-        None => path,
+        None => path.to_string(),
     }
+}
+
+/// The parameters of a callback event (SPEC §4, §10), form-encoded:
+/// `None` for a `done` event of a request that holds no answer, or an
+/// event of another status (neither is ever stored).
+fn parameters(
+    public_url: Option<&str>,
+    rec: &RequestRecord,
+    entry: &CallbackEntry,
+) -> Option<String> {
+    let id = rec.id.to_string();
+    let params: Vec<(&str, String)> = match entry.status {
+        Status::Done => {
+            let outcome = rec.outcome.as_ref()?;
+            vec![
+                ("response_id", id),
+                ("response_url", response_url(public_url, &rec.id)),
+                ("response_http_code", outcome.code.to_string()),
+                ("status", "done".into()),
+            ]
+        }
+        Status::Unknown => vec![
+            ("response_id", id),
+            ("status_url", status_url(public_url, &rec.id)),
+            ("status", "unknown".into()),
+        ],
+        Status::Enqueued | Status::Started => return None,
+    };
+    serde_urlencoded::to_string(params).ok()
 }
 
 impl Callbacks {
@@ -156,19 +201,19 @@ impl Callbacks {
                 return Ok(());
             }
         };
-        let (Some(cb), Some(outcome)) = (&rec.callback, &rec.outcome) else {
+        let Some(cb) = &rec.callback else {
             self.store.callback_finished(due_ms, &id, None).await?;
             return Ok(());
         };
-        let params = [
-            ("response_id", id.to_string()),
-            (
-                "response_url",
-                response_url(self.public_url.as_deref(), &id),
-            ),
-            ("response_http_code", outcome.code.to_string()),
-        ];
-        let form = serde_urlencoded::to_string(params).unwrap_or_default();
+        let Some(form) = parameters(self.public_url.as_deref(), &rec, &entry) else {
+            log::error!(
+                "callback event {} for {id} announces `{}`, which the request cannot call back; dropped",
+                entry.event,
+                entry.status.as_str()
+            );
+            self.store.callback_finished(due_ms, &id, None).await?;
+            return Ok(());
+        };
         let target = match Target::new(&cb.url, cb.method, &form) {
             Ok(t) => t,
             Err(e) => {
@@ -181,33 +226,21 @@ impl Callbacks {
                 return Ok(());
             }
         };
-        let sent = match cb.method {
-            CallbackMethod::Post => {
-                self.client
-                    .request(Method::POST, target.url.as_str())
-                    .insert_header(("content-type", "application/x-www-form-urlencoded"))
-                    .timeout(ATTEMPT_TIMEOUT)
-                    .send_body(form)
-                    .await
+        let webhook_id = format!("{id}_{}", entry.event);
+        let code = match self.send(&target, cb.method, &webhook_id, form).await {
+            Ok(code) if (200..300).contains(&code) => {
+                self.metrics.callback_attempt(true);
+                self.store
+                    .callback_finished(due_ms, &id, Some(code))
+                    .await?;
+                return Ok(());
             }
-            CallbackMethod::Get => {
-                self.client
-                    .request(Method::GET, target.url.as_str())
-                    .timeout(ATTEMPT_TIMEOUT)
-                    .send()
-                    .await
-            }
-        };
-        let mut code = None;
-        let ok = match sent {
-            Ok(res) if res.status().is_success() => {
-                code = Some(res.status().as_u16());
-                true
-            }
-            Ok(res) => {
-                code = Some(res.status().as_u16());
-                log::warn!("callback for {id} answered {}", res.status().as_u16());
-                false
+            Ok(code) => {
+                log::warn!(
+                    "callback for {id} ({webhook_id}) answered {code}; retried with backoff"
+                );
+                self.metrics.callback_rejected(code);
+                Some(code)
             }
             Err(e) if net::is_refused_address(&e) => {
                 log::warn!(
@@ -216,24 +249,22 @@ impl Callbacks {
                     target.host
                 );
                 self.metrics.callback_refused();
-                false
+                None
             }
             Err(e) => {
-                log::info!(
-                    "callback for {id} not delivered: {}",
+                log::warn!(
+                    "callback for {id} ({webhook_id}) not delivered: {}",
                     target.scrub(&e.to_string())
                 );
-                false
+                None
             }
         };
-        self.metrics.callback_attempt(ok);
-        if ok {
-            self.store.callback_finished(due_ms, &id, code).await?;
-            return Ok(());
-        }
+        self.metrics.callback_attempt(false);
         let attempts = entry.attempts + 1;
         let (base, cap) = BACKOFF;
-        let next = now + doubling(base, attempts, cap).as_millis() as u64;
+        // Counted from the failure, not from the attempt's start: a
+        // receiver that took its time to refuse still gets the whole pause.
+        let next = now_ms() + doubling(base, attempts, cap).as_millis() as u64;
         if rec.expires_ms.is_some_and(|e| next >= e) {
             log::warn!("callback for {id} given up after {attempts} attempts: retention ends");
             self.store.callback_gave_up(due_ms, &id).await?;
@@ -241,5 +272,34 @@ impl Callbacks {
             self.store.callback_retry(due_ms, &id, next, code).await?;
         }
         Ok(())
+    }
+
+    /// One attempt, carrying the event's `webhook-id`; the receiver's
+    /// status code.
+    async fn send(
+        &self,
+        target: &Target,
+        method: CallbackMethod,
+        webhook_id: &str,
+        form: String,
+    ) -> Result<u16, SendRequestError> {
+        let http_method = match method {
+            CallbackMethod::Post => Method::POST,
+            CallbackMethod::Get => Method::GET,
+        };
+        let req = self
+            .client
+            .request(http_method, target.url.as_str())
+            .timeout(ATTEMPT_TIMEOUT)
+            .insert_header(("webhook-id", webhook_id));
+        let res = match method {
+            CallbackMethod::Post => {
+                req.insert_header(("content-type", "application/x-www-form-urlencoded"))
+                    .send_body(form)
+                    .await?
+            }
+            CallbackMethod::Get => req.send().await?,
+        };
+        Ok(res.status().as_u16())
     }
 }

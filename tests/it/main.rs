@@ -4,6 +4,7 @@
 
 mod admin;
 mod callback;
+mod callback_events;
 mod callback_guard;
 mod crash;
 mod disk;
