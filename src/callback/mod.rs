@@ -9,13 +9,15 @@
 //!
 //! An event announces what its entry says (`status`), whatever the request
 //! became since: an `unknown` event still being retried when an operator
-//! requeued the request is still an `unknown` event.
+//! requeued the request is still an `unknown` event. With
+//! `--callback-secret-file` each attempt is signed (`sign`, SPEC §10).
 //!
 //! The client's connector refuses addresses in `--callback-deny` (SPEC §9);
 //! such a refusal is one more failed attempt, logged by id and counted on
 //! its own. Callback URLs' query strings may carry the receiver's secrets,
 //! so no log line here holds one.
 
+mod sign;
 mod target;
 
 use std::collections::HashSet;
@@ -28,6 +30,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, watch};
 
+pub use sign::{SecretError, Signer};
 use target::Target;
 
 use crate::metrics::Metrics;
@@ -50,6 +53,8 @@ pub struct Callbacks {
     pub metrics: Arc<Metrics>,
     /// Makes `response_url` and `status_url` absolute when set.
     pub public_url: Option<String>,
+    /// Signs every attempt when `--callback-secret-file` is set.
+    pub signer: Option<Signer>,
     pub wake: Arc<Notify>,
     /// On stop, how long deliveries in flight may still finish.
     pub shutdown_timeout: Duration,
@@ -274,8 +279,10 @@ impl Callbacks {
         Ok(())
     }
 
-    /// One attempt, carrying the event's `webhook-id`; the receiver's
-    /// status code.
+    /// One attempt; the receiver's status code. Every attempt carries the
+    /// event's `webhook-id`; signed, also its own `webhook-timestamp` and
+    /// the signature over the form body (`POST`) or the whole query string
+    /// of the URL called (`GET`).
     async fn send(
         &self,
         target: &Target,
@@ -287,11 +294,22 @@ impl Callbacks {
             CallbackMethod::Post => Method::POST,
             CallbackMethod::Get => Method::GET,
         };
-        let req = self
+        let mut req = self
             .client
             .request(http_method, target.url.as_str())
             .timeout(ATTEMPT_TIMEOUT)
             .insert_header(("webhook-id", webhook_id));
+        if let Some(signer) = &self.signer {
+            let timestamp = now_ms() / 1000;
+            let payload = match method {
+                CallbackMethod::Post => form.as_str(),
+                CallbackMethod::Get => target.query(),
+            };
+            let signature = signer.sign(webhook_id, timestamp, payload.as_bytes());
+            req = req
+                .insert_header(("webhook-timestamp", timestamp.to_string()))
+                .insert_header(("webhook-signature", signature));
+        }
         let res = match method {
             CallbackMethod::Post => {
                 req.insert_header(("content-type", "application/x-www-form-urlencoded"))

@@ -57,6 +57,14 @@ impl Target {
         })
     }
 
+    /// The query string of the URL called, without the `?` (empty when it
+    /// has none): what a `GET`'s signature covers (SPEC §10). The path the
+    /// `url` crate wrote holds no `?` (it encodes one), so the first `?`
+    /// starts the query.
+    pub(super) fn query(&self) -> &str {
+        self.url.split_once('?').map_or("", |(_, q)| q)
+    }
+
     /// `text` without the URL's query or fragment. No error type promises
     /// to leave the URL out of its message, and the query may carry the
     /// receiver's secrets.
@@ -114,6 +122,25 @@ mod tests {
         assert_eq!(url("http://h/cb?own=1#frag", Post), "http://h/cb?own=1");
         assert_eq!(url("http://h/cb#frag", Post), "http://h/cb");
         assert_eq!(url("http://h/cb?", Post), "http://h/cb?");
+    }
+
+    #[test]
+    fn the_query_called_is_the_own_query_and_the_parameters() {
+        use CallbackMethod::{Get, Post};
+        let q = |raw: &str, m| Target::new(raw, m, FORM).unwrap().query().to_string();
+        assert_eq!(q("http://h/cb", Get), FORM);
+        assert_eq!(
+            q("http://h/cb?a='x'&b=%2F#f", Get),
+            format!("a='x'&b=%2F&{FORM}")
+        );
+        assert_eq!(q("http://h/cb?", Get), FORM);
+        assert_eq!(
+            q("http://h/a%3Fb/cb", Get),
+            FORM,
+            "an encoded `?` stays in the path"
+        );
+        assert_eq!(q("http://h/cb?own=1", Post), "own=1");
+        assert_eq!(q("http://h/cb", Post), "");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! timeout, a connection dropped after sending, a crash), and the status
 //! view shows how delivery goes.
 
+use crate::callback_signed::{SPEC_SECRET, verify};
 use crate::helpers::*;
 use crate::process::{Proc, data_and_log};
 
@@ -145,8 +146,11 @@ async fn a_post_cut_off_by_kill_9_calls_back_unknown_after_the_restart() {
     // An upstream that never answers in time: the gateway dies mid-call.
     let up = Fake::start_with(|_, _| Reply::ok("never").delay(SECS(600))).await;
     let receiver = Fake::start().await;
-    let (_dir, data, log) = data_and_log();
-    let p = Proc::start(&up.url(), &data, &log, &[]).await;
+    let (dir, data, log) = data_and_log();
+    let secret_file = dir.path().join("callback.secret");
+    std::fs::write(&secret_file, SPEC_SECRET).unwrap();
+    let secret_flag = ["--callback-secret-file", secret_file.to_str().unwrap()];
+    let p = Proc::start(&up.url(), &data, &log, &secret_flag).await;
     let cb = format!("{}/after-crash", receiver.url());
     let client = awc::Client::default();
     let mut res = client
@@ -162,9 +166,10 @@ async fn a_post_cut_off_by_kill_9_calls_back_unknown_after_the_restart() {
     p.kill9();
     assert!(receiver.seen().is_empty(), "nothing to announce before");
 
-    let p = Proc::start(&up.url(), &data, &log, &[]).await;
+    let p = Proc::start(&up.url(), &data, &log, &secret_flag).await;
     let c = receiver.wait_for(1, SECS(15)).await.remove(0);
     assert_eq!(c.header("webhook-id"), Some(format!("{id}_1").as_str()));
+    verify(SPEC_SECRET, &c, &c.body).unwrap_or_else(|e| panic!("{e}: {c:#?}"));
     assert_unknown_event(
         &params(&c.body),
         &id,
@@ -173,6 +178,12 @@ async fn a_post_cut_off_by_kill_9_calls_back_unknown_after_the_restart() {
     actix_web::rt::time::sleep(SECS(1)).await;
     assert_eq!(up.seen().len(), 1, "the POST is not sent again");
     p.kill9();
+    // The process wrote no secret of ours into its log.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log.contains(SPEC_SECRET.trim_start_matches("whsec_")),
+        "{log}"
+    );
 }
 
 #[actix_web::test]
