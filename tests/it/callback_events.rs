@@ -4,6 +4,10 @@
 //! view shows how delivery goes.
 
 use crate::callback_signed::{SPEC_SECRET, verify};
+use std::time::Duration;
+
+use serde_json::json;
+
 use crate::helpers::*;
 use crate::process::{Proc, data_and_log};
 
@@ -188,7 +192,7 @@ async fn a_post_cut_off_by_kill_9_calls_back_unknown_after_the_restart() {
 
 #[actix_web::test]
 async fn the_status_view_follows_the_callback_from_pending_to_delivered() {
-    let up = Fake::start().await;
+    let up = Fake::start_with(|_, _| Reply::ok("{}").delay(Duration::from_millis(800))).await;
     // The first attempt is answered 500 after a second; the next, 204.
     let receiver = Fake::start_with(|_, i| {
         if i == 0 {
@@ -214,6 +218,14 @@ async fn the_status_view_follows_the_callback_from_pending_to_delivered() {
             b"",
         )
         .await;
+    // Not finished yet: pending, nothing scheduled.
+    let s = app.status(&id, AUTH).await.json();
+    assert_ne!(s["status"], "done", "{s}");
+    assert_eq!(
+        s["callback"],
+        json!({"state": "pending", "attempts": 0, "last_http_code": null, "next_attempt": null}),
+        "{s}"
+    );
     let s = app
         .wait_for_status(&id, AUTH, "done", SECS(10))
         .await
@@ -260,6 +272,6 @@ async fn wait_for_callback(
             return s;
         }
         assert!(std::time::Instant::now() < deadline, "last answer: {s}");
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
     }
 }
