@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix_web::{App, HttpServer, web};
 use tokio::sync::{Notify, watch};
 
-use crate::callback::Callbacks;
+use crate::callback::{Callbacks, SecretError, Signer};
 use crate::config::GatewayArgs;
 use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
@@ -29,6 +29,8 @@ pub enum AppError {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    CallbackSecret(#[from] SecretError),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("{0}")]
@@ -82,6 +84,14 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     if let Some((id, sealed)) = &first_sealed {
         sealer.check(id, sealed)?;
     }
+    // Read (or made) with the data dir locked: two gateways of one data
+    // dir never race to make it. A malformed one stops the start: each
+    // callback signed with it would be refused.
+    let signer = args
+        .callback_secret_file
+        .as_deref()
+        .map(Signer::load_or_create)
+        .transpose()?;
     let recovered = store
         .recover(now_ms(), args.unknown_retention.as_millis() as u64)
         .await?;
@@ -139,6 +149,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         ),
         metrics: metrics.clone(),
         public_url: args.public_url.clone(),
+        signer,
         wake: callback_wake,
         shutdown_timeout: args.shutdown_timeout,
     };

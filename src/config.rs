@@ -159,8 +159,15 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_CALLBACK_ALLOW", value_delimiter = ',')]
     pub callback_allow: Vec<ipnet::IpNet>,
 
+    /// Signs every callback (Standard Webhooks 1.0: `webhook-timestamp`,
+    /// `webhook-signature`) with the `whsec_`-prefixed base64 secret in
+    /// this file; made with mode 0600 when missing [default: unsigned].
+    #[arg(long, env = "ASYNCGATE_CALLBACK_SECRET_FILE")]
+    pub callback_secret_file: Option<PathBuf>,
+
     /// Public base URL (absolute http:// or https://, optional path
-    /// prefix, no query); makes `response_url` absolute.
+    /// prefix, no query); makes `response_url` and callbacks' `status_url`
+    /// absolute.
     #[arg(long, env = "ASYNCGATE_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 

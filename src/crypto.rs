@@ -57,7 +57,7 @@ impl Sealer {
                 }
                 let mut key = vec![0u8; 32];
                 getrandom::getrandom(&mut key).map_err(|_| CryptoError::Random)?;
-                write_key(path, &key).map_err(err)?;
+                write_secret_file(path, &key).map_err(err)?;
                 key
             }
             Err(e) => return Err(err(e)),
@@ -148,11 +148,12 @@ impl Sealer {
     }
 }
 
-/// Writes a new key file so that a crash or a power cut at any moment
-/// leaves either no key file or the whole key: written and fsync'd under a
-/// temporary name, renamed into place, the directory fsync'd. (A key file
-/// cut short would stop every later start.)
-fn write_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
+/// Writes a new secret file (mode 0600) so that a crash or a power cut at
+/// any moment leaves either no file or the whole secret: written and
+/// fsync'd under a temporary name, renamed into place, the directory
+/// fsync'd. (A key file cut short would stop every later start.) The
+/// credential key and the callback secret (`callback::sign`) are made so.
+pub(crate) fn write_secret_file(path: &Path, key: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -168,8 +169,10 @@ fn write_key(path: &Path, key: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(key)?;
     f.sync_all()?;
-    // The caller found no key file; the data dir's lock keeps a second
-    // gateway of this data dir from racing us here.
+    // The caller found no file; the data dir's lock keeps a second gateway
+    // of this data dir from racing us here. (Gateways of different data
+    // dirs that share one callback secret file must be given it made: two
+    // making it at once would race here.)
     fs::rename(&tmp, path)?;
     fs::File::open(dir)?.sync_all()
 }

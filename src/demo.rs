@@ -35,7 +35,15 @@ async fn callback(req: HttpRequest, body: web::Bytes) -> HttpResponse {
     } else {
         String::from_utf8_lossy(&body).into_owned()
     };
-    log::info!("demo callback receiver got {} {params}", req.method());
+    let webhook_id = req
+        .headers()
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    log::info!(
+        "demo callback receiver got {} {params} (webhook-id {webhook_id})",
+        req.method()
+    );
     HttpResponse::Ok().finish()
 }
 

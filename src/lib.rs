@@ -18,7 +18,8 @@
 //! - [`dispatcher`]: the execution loop tying scheduler, store and upstream.
 //! - [`upstream`]: sends one request with awc and classifies the outcome.
 //! - [`net`]: outbound TCP under awc: callback address policy, cut answers.
-//! - [`callback`]: delivers stored callbacks with retries.
+//! - [`callback`]: delivers stored callback events with retries, signed
+//!   (Standard Webhooks) with `--callback-secret-file`.
 //! - [`sweeper`]: deletes requests past their retention.
 //! - [`http`]: routes, handlers, views, the one error-to-HTTP mapping.
 //! - [`crypto`]: sealing credentials at rest, salted ownership hashes.

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// Upper bounds (ms) of the upstream latency buckets.
 const BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000];
 
+/// Status classes of non-2xx callback answers (`other`: outside 100–599).
+const REJECTED_CLASSES: [&str; 5] = ["1xx", "3xx", "4xx", "5xx", "other"];
+
 #[derive(Default)]
 pub struct Metrics {
     accepted: AtomicU64,
@@ -27,6 +30,9 @@ pub struct Metrics {
     callback_refused: AtomicU64,
     held: AtomicU64,
     callback_failures: AtomicU64,
+    /// Callback attempts a receiver answered with a non-2xx status, by
+    /// class (`REJECTED_CLASSES`): a receiver that is up but refuses.
+    callback_rejected: [AtomicU64; REJECTED_CLASSES.len()],
     /// Credentials the scheduler holds state for (bounded by activity).
     lanes: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS_MS.len()],
@@ -89,6 +95,18 @@ impl Metrics {
         if !ok {
             self.callback_failures.fetch_add(1, Relaxed);
         }
+    }
+
+    /// A receiver answered a callback with `code`, not a 2xx.
+    pub fn callback_rejected(&self, code: u16) {
+        let class = match code {
+            100..=199 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            500..=599 => 3,
+            _ => 4,
+        };
+        self.callback_rejected[class].fetch_add(1, Relaxed);
     }
 
     /// The text exposition; `by_status` from the store.
@@ -187,6 +205,17 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP asyncgate_callback_rejected_total Callback attempts a receiver answered with a non-2xx status, by status class.\n# TYPE asyncgate_callback_rejected_total counter"
+        );
+        for (class, n) in REJECTED_CLASSES.iter().zip(&self.callback_rejected) {
+            let _ = writeln!(
+                out,
+                "asyncgate_callback_rejected_total{{class=\"{class}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP asyncgate_upstream_latency_seconds Time from sending to the whole answer.\n# TYPE asyncgate_upstream_latency_seconds histogram"
         );
         for (i, b) in BUCKETS_MS.iter().enumerate() {
@@ -219,6 +248,9 @@ mod tests {
         m.executed(200, 300);
         m.executed(500, 20);
         m.callback_attempt(false);
+        m.callback_rejected(503);
+        m.callback_rejected(404);
+        m.callback_rejected(500);
         let text = m.render(&[("enqueued", 3), ("done", 2)]);
         assert!(text.contains("asyncgate_accepted_total 1\n"));
         assert!(text.contains("asyncgate_executed_total{code=\"200\"} 2\n"));
@@ -229,5 +261,8 @@ mod tests {
         assert!(text.contains("asyncgate_upstream_latency_seconds_bucket{le=\"0.025\"} 2\n"));
         assert!(text.contains("asyncgate_upstream_latency_seconds_count 3\n"));
         assert!(text.contains("asyncgate_callback_failures_total 1\n"));
+        assert!(text.contains("asyncgate_callback_rejected_total{class=\"5xx\"} 2\n"));
+        assert!(text.contains("asyncgate_callback_rejected_total{class=\"4xx\"} 1\n"));
+        assert!(text.contains("asyncgate_callback_rejected_total{class=\"3xx\"} 0\n"));
     }
 }

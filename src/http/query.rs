@@ -11,7 +11,7 @@ use super::prefer::{Prefer, applied_wait};
 use super::{ApiError, State, reserved_file, single_header, wait};
 use crate::callback::response_url;
 use crate::crypto::{credential_hash, same_owner};
-use crate::model::{RequestId, RequestRecord, Status, format_time, now_ms};
+use crate::model::{CallbackPhase, RequestId, RequestRecord, Status, format_time, now_ms};
 use crate::store::StoreError;
 
 /// The record behind `{id}.json`, if the caller's credential submitted it.
@@ -150,8 +150,9 @@ impl StatusView {
             ahead,
             paused_until: paused.map(|(until, _)| format_time(until)),
             pause_reason: paused.map(|(_, why)| why.as_str()),
-            // For a request with a callback: pending until its first
-            // event is delivered (or given up).
+            // A request with a callback and no event yet (not finished)
+            // shows it pending, with no attempt scheduled: it is sent once
+            // the request is `done` or `unknown`.
             callback: rec.callback.as_ref().map(|_| match rec.callback_state {
                 Some(c) => CallbackView {
                     state: c.phase.as_str(),
@@ -160,7 +161,7 @@ impl StatusView {
                     next_attempt: c.next_attempt_ms.map(format_time),
                 },
                 None => CallbackView {
-                    state: "pending",
+                    state: CallbackPhase::Pending.as_str(),
                     attempts: 0,
                     last_http_code: None,
                     next_attempt: None,

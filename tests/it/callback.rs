@@ -45,7 +45,14 @@ async fn post_callbacks_carry_form_parameters() {
                 format!("/async_api/v2/responses/{id}.json")
             ),
             ("response_http_code".to_string(), "207".to_string()),
+            ("status".to_string(), "done".to_string()),
         ]
+    );
+    assert_eq!(c.header("webhook-id"), Some(format!("{id}_1").as_str()));
+    assert_eq!(
+        c.header("webhook-signature"),
+        None,
+        "unsigned without a secret"
     );
     // Sent only once the request is done (on disk).
     assert_eq!(app.status(&id, AUTH).await.json()["status"], "done");
@@ -84,7 +91,12 @@ async fn get_callbacks_append_query_parameters_and_public_url_makes_it_absolute(
             ("response_id".to_string(), id.clone()),
             ("response_url".to_string(), url.clone()),
             ("response_http_code".to_string(), "200".to_string()),
+            ("status".to_string(), "done".to_string()),
         ]
+    );
+    assert_eq!(
+        got[0].header("webhook-id"),
+        Some(format!("{id}_1").as_str())
     );
     let s = app.status(&id, AUTH).await;
     assert_eq!(s.json()["response_url"], url.as_str());
@@ -105,14 +117,22 @@ async fn failed_callbacks_are_retried_with_doubling_backoff_until_a_2xx() {
     .await;
     let app = TestApp::start(&up.url(), &[]).await;
     let cb = format!("{}/hook", receiver.url());
-    app.submit(
-        "POST",
-        "/async_api/v2/x.json",
-        &[("X-Callback-Location", &cb)],
-        b"",
-    )
-    .await;
+    let id = app
+        .submit(
+            "POST",
+            "/async_api/v2/x.json",
+            &[("X-Callback-Location", &cb)],
+            b"",
+        )
+        .await;
     let got = receiver.wait_for(3, SECS(20)).await;
+    for c in &got {
+        assert_eq!(
+            c.header("webhook-id"),
+            Some(format!("{id}_1").as_str()),
+            "every retry of one event keeps its webhook-id"
+        );
+    }
     let first_gap = got[1].at - got[0].at;
     let second_gap = got[2].at - got[1].at;
     assert!(first_gap >= Duration::from_millis(900), "{first_gap:?}");
@@ -128,6 +148,10 @@ async fn failed_callbacks_are_retried_with_doubling_backoff_until_a_2xx() {
     assert!(
         metrics.contains("asyncgate_callback_failures_total 2\n"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("asyncgate_callback_rejected_total{class=\"5xx\"} 2\n"),
+        "non-2xx answers are counted by class: {metrics}"
     );
     app.stop().await;
 }

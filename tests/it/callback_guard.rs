@@ -172,7 +172,7 @@ async fn fragments_are_dropped_and_get_parameters_join_the_own_query() {
         format!(
             "/get?own=1&tok=a%2Fb+c'd&response_id={get_id}\
              &response_url=%2Fasync_api%2Fv2%2Fresponses%2F{get_id}.json\
-             &response_http_code=200"
+             &response_http_code=200&status=done"
         )
     );
     let post = got.iter().find(|s| s.method == "POST").unwrap();

@@ -291,9 +291,21 @@ impl TestApp {
     pub async fn start_in(upstream: &str, extra: &[&str], data_dir: tempfile::TempDir) -> TestApp {
         let _ = env_logger::builder().is_test(true).try_init();
         let args = parse_args(upstream, data_dir.path(), extra);
-        let running = app::start(&args.upstream, &args.gateway)
-            .await
-            .expect("gateway starts");
+        // sled 0.34 releases its lock on the data dir some moments after
+        // the last handle is dropped (spacejam/sled#1234), so an in-process
+        // restart can find it still held by the instance just stopped. A
+        // real restart is a new process; here, wait the moment out.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let running = loop {
+            match app::start(&args.upstream, &args.gateway).await {
+                Err(app::AppError::Store(asyncgate::store::StoreError::Locked(_)))
+                    if Instant::now() < deadline =>
+                {
+                    actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+                }
+                started => break started.expect("gateway starts"),
+            }
+        };
         TestApp {
             addr: running.addr,
             data_dir,

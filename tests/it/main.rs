@@ -4,7 +4,9 @@
 
 mod admin;
 mod callback;
+mod callback_events;
 mod callback_guard;
+mod callback_signed;
 mod crash;
 mod disk;
 mod execute;
