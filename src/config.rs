@@ -74,6 +74,12 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of a separate listener for /healthz, /metrics,
+    /// /openapi.json and /admin/... (port 0 picks a free port); the public
+    /// listener then answers them 404 [default: all on --listen].
+    #[arg(long, env = "ASYNCGATE_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
+
     /// Directory of the durable store.
     #[arg(long, env = "ASYNCGATE_DATA_DIR", default_value = "./asyncgate-data")]
     pub data_dir: PathBuf,

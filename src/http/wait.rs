@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt;
 use futures_util::future::{Either, select, select_all};
 use serde::Deserialize;
 use serde_json::json;
@@ -85,12 +86,24 @@ struct Bulk {
     ids: Vec<serde_json::Value>,
 }
 
+/// The largest bulk body: 1,000 ids and room for whitespace.
+const BULK_BODY_MAX: usize = 1 << 20;
+
 /// `POST /async_api/v2/requests.json`: up to 1,000 status views at once.
 pub async fn bulk(
     req: HttpRequest,
-    body: web::Bytes,
+    mut payload: web::Payload,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
+    // Read by hand: the `Bytes` extractor's limit answers in plain text.
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BodyUnreadable(e.to_string()))?;
+        if body.len() + chunk.len() > BULK_BODY_MAX {
+            return Err(ApiError::BodyTooLarge(BULK_BODY_MAX as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
     let bad = || {
         ApiError::bad(
             "invalid_bulk_request",

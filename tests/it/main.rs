@@ -14,6 +14,8 @@ mod hostile;
 mod input;
 mod lazyfs;
 mod once;
+mod openapi;
+mod operable;
 mod ops;
 mod pacing;
 mod packaging;
