@@ -80,6 +80,12 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_OPS_LISTEN")]
     pub ops_listen: Option<SocketAddr>,
 
+    /// Log lines as plain text or as one JSON object per line (`ts`,
+    /// `level`, `target`, `msg`, and `id` when the line is about one
+    /// request). `RUST_LOG` sets the level.
+    #[arg(long, env = "ASYNCGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Directory of the durable store.
     #[arg(long, env = "ASYNCGATE_DATA_DIR", default_value = "./asyncgate-data")]
     pub data_dir: PathBuf,
@@ -187,6 +193,13 @@ pub struct GatewayArgs {
     /// <token>`; without it `/admin/...` answers 404.
     #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -13,6 +13,7 @@ mod helpers;
 mod hostile;
 mod input;
 mod lazyfs;
+mod logs;
 mod once;
 mod openapi;
 mod operable;
