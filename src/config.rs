@@ -204,13 +204,29 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
-    /// Base URL of the running gateway.
-    #[arg(long, env = "ASYNCGATE_URL", default_value = "http://127.0.0.1:8080")]
+    /// Base URL of the running gateway, http:// or https:// (with
+    /// --ops-listen, the operations listener's).
+    #[arg(
+        long,
+        env = "ASYNCGATE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
 
-    /// The gateway's `--admin-token`.
-    #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    /// The gateway's `--admin-token` (before or after the subcommand).
+    #[arg(
+        long,
+        env = "ASYNCGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// PEM file of extra CA certificates to trust for an https:// gateway
+    /// [default: the public web roots only].
+    #[arg(long, env = "ASYNCGATE_ADMIN_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
 
     #[command(subcommand)]
     pub action: AdminAction,
@@ -223,6 +239,7 @@ pub enum AdminAction {
         /// enqueued, started, done or unknown.
         #[arg(long, default_value = "unknown")]
         status: String,
+        /// Items per page, 1 to 1000.
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Continue after this id (the `next` of the previous page).

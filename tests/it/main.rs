@@ -3,6 +3,7 @@
 //! a fake upstream it scripts.
 
 mod admin;
+mod admin_cli;
 mod callback;
 mod callback_guard;
 mod crash;
