@@ -325,20 +325,23 @@ pub fn parse_public_url(s: &str) -> Result<String, String> {
     Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
-/// `10MiB`, `512KiB`, `1GiB`, `10MB`, or plain bytes.
+/// `10MiB`, `512KiB`, `1GiB`, `10MB`, or plain bytes; units in any case
+/// (`10mb` is `10MB`). `K`, `M` and `G` alone are binary, as they always
+/// were here: a crate that reads them as decimal would quietly shrink a
+/// configured `10M` by 5%.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("`{s}` is not a size like 10MiB, 512KiB or 1048576");
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..split].parse().map_err(|_| bad())?;
-    let mult: u64 = match s[split..].trim() {
-        "" | "B" => 1,
-        "KiB" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
+    let mult: u64 = match s[split..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
         _ => return Err(bad()),
     };
     n.checked_mul(mult).ok_or_else(bad)
@@ -375,7 +378,14 @@ mod tests {
         assert_eq!(parse_size("10MiB"), Ok(10 << 20));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("10mb"), parse_size("10MB"));
+        assert_eq!(parse_size("10mb"), Ok(10_000_000));
+        assert_eq!(parse_size("10mib"), Ok(10 << 20));
+        assert_eq!(parse_size("512kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1gb"), Ok(1_000_000_000));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
         assert!(parse_size("ten").is_err());
+        assert!(parse_size("10 xb").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
     }
 
