@@ -262,37 +262,15 @@ impl GatewayArgs {
     }
 }
 
-/// `90s`, `15m`, `1h30m`, `24h`, `7d`, `250ms`; a bare number is seconds.
+/// `90s`, `15m`, `1h30m`, `24h`, `7d`, `250ms` (humantime's forms, so
+/// `1h 30m` and `2days` too); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration like 90s, 15m, 1h30m, 24h or 7d");
+    let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let secs = |per: u64| n.checked_mul(per).map(Duration::from_secs).ok_or_else(bad);
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => secs(60)?,
-            "h" => secs(3600)?,
-            "d" => secs(86400)?,
-            _ => return Err(bad()),
-        };
-        total = total.checked_add(unit).ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 90s, 15m, 1h30m, 24h or 7d ({e})"))
 }
 
 /// `--public-url`: an absolute `http`/`https` URL with a host, no query,
@@ -360,12 +338,17 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2days"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         for bad in [
             "",
             "h",
             "3x",
             "1h30",
             "-1s",
+            "90 x",
             "99999999999999999999d",
             "18446744073709551615d",
         ] {
