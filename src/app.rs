@@ -42,8 +42,12 @@ pub enum AppError {
 /// A started gateway.
 pub struct Running {
     pub addr: SocketAddr,
+    /// `--ops-listen`'s address, when the operator's endpoints have their
+    /// own listener.
+    pub ops_addr: Option<SocketAddr>,
     server: actix_web::dev::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    ops_server: Option<Server>,
     stop: watch::Sender<bool>,
     dispatcher: tokio::task::JoinHandle<Result<(), dispatcher::EngineFailure>>,
     callbacks: tokio::task::JoinHandle<()>,
@@ -169,32 +173,79 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         max_wait: args.max_wait,
         shutdown: stop.subscribe(),
         pauses,
+        oldest_queued: Default::default(),
     });
-    let mut server =
-        HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-            .disable_signals()
-            .shutdown_timeout(args.shutdown_timeout.as_secs().max(1));
-    if let Some(n) = args.workers {
-        server = server.workers(n.max(1));
-    }
-    let server = server
-        .bind(args.listen)
-        .map_err(|e| AppError::Listen(args.listen, e))?;
-    let addr = server.addrs().first().copied().unwrap_or(args.listen);
-    let server = server.run();
-    let server_handle = server.handle();
-    let server_task = tokio::task::spawn_local(server);
+    let public = if args.ops_listen.is_some() {
+        http::Face::Public
+    } else {
+        http::Face::All
+    };
+    let (addr, server) = serve(&state, public, args.listen, args)?;
     log::info!("asyncgate listening on http://{addr}");
+    let (ops_addr, ops_server) = match args.ops_listen {
+        Some(at) => {
+            let (ops_addr, ops) = serve(&state, http::Face::Ops, at, args)?;
+            log::info!(
+                "operations endpoints (/healthz, /metrics, /openapi.json, /admin) on http://{ops_addr}"
+            );
+            (Some(ops_addr), Some(ops))
+        }
+        None => (None, None),
+    };
     Ok(Running {
         addr,
-        server: server_handle,
-        server_task,
+        ops_addr,
+        server: server.handle,
+        server_task: server.task,
+        ops_server,
         stop,
         dispatcher,
         callbacks,
         sweeper,
         store,
     })
+}
+
+/// One listener's HTTP server, running.
+struct Server {
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn stop(self, graceful: bool) {
+        self.handle.stop(graceful).await;
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `at` and serves `face`'s routes there. The operations listener
+/// gets one worker: its traffic is a scrape and an operator.
+fn serve(
+    state: &web::Data<http::State>,
+    face: http::Face,
+    at: SocketAddr,
+    args: &GatewayArgs,
+) -> Result<(SocketAddr, Server), AppError> {
+    let state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(|cfg| http::routes(cfg, face))
+    })
+    .disable_signals()
+    .shutdown_timeout(args.shutdown_timeout.as_secs().max(1));
+    if face == http::Face::Ops {
+        server = server.workers(1);
+    } else if let Some(n) = args.workers {
+        server = server.workers(n.max(1));
+    }
+    let server = server.bind(at).map_err(|e| AppError::Listen(at, e))?;
+    let addr = server.addrs().first().copied().unwrap_or(at);
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::task::spawn_local(server);
+    Ok((addr, Server { handle, task }))
 }
 
 impl Running {
@@ -206,6 +257,9 @@ impl Running {
         let _ = self.stop.send(true);
         self.server.stop(true).await;
         let _ = self.server_task.await;
+        if let Some(ops) = self.ops_server {
+            ops.stop(true).await;
+        }
         let engine = self.dispatcher.await;
         let _ = self.callbacks.await;
         self.sweeper.stop();
@@ -234,6 +288,9 @@ pub async fn run_until_signal(mut running: Running) -> Result<(), AppError> {
             // Writers waiting on the failed flush get their 503s first.
             let _ = running.stop.send(true);
             running.server.stop(true).await;
+            if let Some(ops) = running.ops_server.take() {
+                ops.stop(true).await;
+            }
             let _ = running.callbacks.await;
             running.sweeper.stop();
             let _ = running.store.close();
@@ -248,6 +305,9 @@ pub async fn run_until_signal(mut running: Running) -> Result<(), AppError> {
             log::error!("the execution engine failed ({why}); stopping so that a restart recovers");
             let _ = running.stop.send(true);
             running.server.stop(false).await;
+            if let Some(ops) = running.ops_server.take() {
+                ops.stop(false).await;
+            }
             let _ = running.callbacks.await;
             running.sweeper.stop();
             running.store.close()?;

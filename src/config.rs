@@ -74,6 +74,18 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address of a separate listener for /healthz, /metrics,
+    /// /openapi.json and /admin/... (port 0 picks a free port); the public
+    /// listener then answers them 404 [default: all on --listen].
+    #[arg(long, env = "ASYNCGATE_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
+
+    /// Log lines as plain text or as one JSON object per line (`ts`,
+    /// `level`, `target`, `msg`, and `id` when the line is about one
+    /// request). `RUST_LOG` sets the level.
+    #[arg(long, env = "ASYNCGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Directory of the durable store.
     #[arg(long, env = "ASYNCGATE_DATA_DIR", default_value = "./asyncgate-data")]
     pub data_dir: PathBuf,
@@ -190,15 +202,38 @@ pub struct GatewayArgs {
     pub admin_token: Option<String>,
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
-    /// Base URL of the running gateway.
-    #[arg(long, env = "ASYNCGATE_URL", default_value = "http://127.0.0.1:8080")]
+    /// Base URL of the running gateway, http:// or https:// (with
+    /// --ops-listen, the operations listener's).
+    #[arg(
+        long,
+        env = "ASYNCGATE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
 
-    /// The gateway's `--admin-token`.
-    #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    /// The gateway's `--admin-token` (before or after the subcommand).
+    #[arg(
+        long,
+        env = "ASYNCGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// PEM file of extra CA certificates to trust for an https:// gateway
+    /// [default: the public web roots only].
+    #[arg(long, env = "ASYNCGATE_ADMIN_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
 
     #[command(subcommand)]
     pub action: AdminAction,
@@ -211,6 +246,7 @@ pub enum AdminAction {
         /// enqueued, started, done or unknown.
         #[arg(long, default_value = "unknown")]
         status: String,
+        /// Items per page, 1 to 1000.
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Continue after this id (the `next` of the previous page).
@@ -233,37 +269,15 @@ impl GatewayArgs {
     }
 }
 
-/// `90s`, `15m`, `1h30m`, `24h`, `7d`, `250ms`; a bare number is seconds.
+/// `90s`, `15m`, `1h30m`, `24h`, `7d`, `250ms` (humantime's forms, so
+/// `1h 30m` and `2days` too); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration like 90s, 15m, 1h30m, 24h or 7d");
+    let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let secs = |per: u64| n.checked_mul(per).map(Duration::from_secs).ok_or_else(bad);
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => secs(60)?,
-            "h" => secs(3600)?,
-            "d" => secs(86400)?,
-            _ => return Err(bad()),
-        };
-        total = total.checked_add(unit).ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 90s, 15m, 1h30m, 24h or 7d ({e})"))
 }
 
 /// `--public-url`: an absolute `http`/`https` URL with a host, no query,
@@ -296,20 +310,23 @@ pub fn parse_public_url(s: &str) -> Result<String, String> {
     Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
-/// `10MiB`, `512KiB`, `1GiB`, `10MB`, or plain bytes.
+/// `10MiB`, `512KiB`, `1GiB`, `10MB`, or plain bytes; units in any case
+/// (`10mb` is `10MB`). `K`, `M` and `G` alone are binary, as they always
+/// were here: a crate that reads them as decimal would quietly shrink a
+/// configured `10M` by 5%.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("`{s}` is not a size like 10MiB, 512KiB or 1048576");
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..split].parse().map_err(|_| bad())?;
-    let mult: u64 = match s[split..].trim() {
-        "" | "B" => 1,
-        "KiB" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
+    let mult: u64 = match s[split..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
         _ => return Err(bad()),
     };
     n.checked_mul(mult).ok_or_else(bad)
@@ -328,12 +345,17 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2days"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         for bad in [
             "",
             "h",
             "3x",
             "1h30",
             "-1s",
+            "90 x",
             "99999999999999999999d",
             "18446744073709551615d",
         ] {
@@ -346,7 +368,14 @@ mod tests {
         assert_eq!(parse_size("10MiB"), Ok(10 << 20));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("10mb"), parse_size("10MB"));
+        assert_eq!(parse_size("10mb"), Ok(10_000_000));
+        assert_eq!(parse_size("10mib"), Ok(10 << 20));
+        assert_eq!(parse_size("512kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1gb"), Ok(1_000_000_000));
+        assert_eq!(parse_size("16m"), Ok(16 << 20));
         assert!(parse_size("ten").is_err());
+        assert!(parse_size("10 xb").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
     }
 

@@ -72,6 +72,23 @@ impl Pauses {
             map.retain(|_, (until, _)| *until > now);
         }
     }
+
+    /// Lanes paused beyond now, by reason (every reason, zeros included):
+    /// the metrics' `asyncgate_lanes_paused`.
+    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
+        let now = now_ms();
+        let map = self.lock();
+        PauseReason::ALL
+            .iter()
+            .map(|&why| {
+                let n = map
+                    .values()
+                    .filter(|(until, r)| *r == why && *until > now)
+                    .count();
+                (why.as_str(), n as u64)
+            })
+            .collect()
+    }
 }
 
 /// How HTTP handlers (on other threads) wake the loop after a commit.

@@ -24,6 +24,7 @@
 //! - [`http`]: routes, handlers, views, the one error-to-HTTP mapping.
 //! - [`crypto`]: sealing credentials at rest, salted ownership hashes.
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
+//! - [`logging`]: `RUST_LOG` levels, text or JSON lines (`--log-format`).
 //! - [`demo`]: the bundled demo upstream behind `asyncgate demo`.
 //! - [`admin_cli`]: `asyncgate admin ...`, an operator's client.
 //! - [`cli_docs`]: `asyncgate completions` and `asyncgate man`, made from
@@ -38,6 +39,7 @@ pub mod crypto;
 pub mod demo;
 pub mod dispatcher;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod net;

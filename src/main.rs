@@ -1,11 +1,16 @@
 use clap::Parser;
 
-use asyncgate::config::{Cli, Command};
-use asyncgate::{admin_cli, app, cli_docs, demo};
+use asyncgate::config::{Cli, Command, LogFormat};
+use asyncgate::{admin_cli, app, cli_docs, demo, logging};
 
 #[actix_web::main]
 async fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    logging::init(match &cli.command {
+        Command::Serve(args) => args.gateway.log_format,
+        Command::Demo(args) => args.gateway.log_format,
+        _ => LogFormat::Text,
+    });
     // Crash-only: a panic on any thread (the engine, the flusher, the
     // sweeper) stops the process rather than leave a gateway that answers
     // `/healthz` while part of it is dead. State is durable and recovery
@@ -16,7 +21,6 @@ async fn main() {
         log::error!("a thread panicked; stopping (exit 101) so that a restart recovers");
         std::process::exit(101);
     }));
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => match app::start(&args.upstream, &args.gateway).await {
             Ok(running) => app::run_until_signal(running).await,

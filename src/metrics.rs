@@ -236,6 +236,40 @@ impl Metrics {
     }
 }
 
+/// Gauges of the queue's health read at scrape time (SPEC §11): what an
+/// operator pages on. No per-credential labels: a million credentials must
+/// not make a million series.
+pub struct QueueHealth {
+    /// Callback events waiting to be delivered (due now or retrying later).
+    pub callbacks_pending: u64,
+    /// How long the oldest `enqueued` request has waited; 0 with none.
+    pub oldest_queued_age_ms: u64,
+    /// Lanes paused right now, by reason (every reason, zeros included).
+    pub paused_by_reason: Vec<(&'static str, u64)>,
+}
+
+impl QueueHealth {
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_callbacks_pending Callbacks waiting to be delivered, due now or retrying later.\n# TYPE asyncgate_callbacks_pending gauge\nasyncgate_callbacks_pending {}",
+            self.callbacks_pending
+        );
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_oldest_queued_age_seconds How long the oldest queued request has waited (0 when none is queued).\n# TYPE asyncgate_oldest_queued_age_seconds gauge\nasyncgate_oldest_queued_age_seconds {}",
+            self.oldest_queued_age_ms as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "# HELP asyncgate_lanes_paused Credentials whose queue is paused, by reason.\n# TYPE asyncgate_lanes_paused gauge"
+        );
+        for (reason, n) in &self.paused_by_reason {
+            let _ = writeln!(out, "asyncgate_lanes_paused{{reason=\"{reason}\"}} {n}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,6 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
@@ -23,21 +22,79 @@ fn guard(req: &HttpRequest, state: &State) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
+/// `/admin/...` paths that are not the API's: 404 as ever, but only
+/// after the token (a caller without it learns nothing about the paths).
+pub async fn not_found(
+    req: HttpRequest,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    guard(&req, &state)?;
+    Err(ApiError::NoRoute(
+        "the admin API is GET /admin/requests, POST /admin/requests/{id}/requeue and DELETE /admin/requests/{id}".into(),
+    ))
+}
+
+/// An admin path with the wrong method: 405 with `Allow`, after the token.
+pub async fn not_allowed(
+    req: HttpRequest,
+    state: web::Data<State>,
+    allow: &'static str,
+) -> Result<HttpResponse, ApiError> {
+    guard(&req, &state)?;
+    Err(ApiError::MethodNotAllowed(allow))
+}
+
+/// The list's query, read by hand so that every mistake in it gets the
+/// JSON error shape (an extractor's would be plain text).
+#[derive(Default)]
+struct ListQuery {
     status: Option<String>,
-    limit: Option<usize>,
+    limit: Option<String>,
     after: Option<String>,
+}
+
+impl ListQuery {
+    fn parse(query: &str) -> Result<ListQuery, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+            .map_err(|_| ApiError::bad("invalid_query", "the query string is not form-encoded"))?;
+        let mut q = ListQuery::default();
+        for (name, value) in pairs {
+            let slot = match name.as_str() {
+                "status" => &mut q.status,
+                "limit" => &mut q.limit,
+                "after" => &mut q.after,
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(ApiError::bad(
+                    "invalid_query",
+                    format!("{name} is given more than once"),
+                ));
+            }
+        }
+        Ok(q)
+    }
 }
 
 const MAX_PAGE: usize = 1000;
 
-pub async fn list(
-    req: HttpRequest,
-    query: web::Query<ListQuery>,
-    state: web::Data<State>,
-) -> Result<HttpResponse, ApiError> {
+/// `limit`: 1 to 1000, default 100 (SPEC §8); anything else is 400.
+fn page_size(raw: Option<&str>) -> Result<usize, ApiError> {
+    let Some(raw) = raw else { return Ok(100) };
+    raw.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad(
+                "invalid_limit",
+                format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+            )
+        })
+}
+
+pub async fn list(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
     guard(&req, &state)?;
+    let query = ListQuery::parse(req.query_string())?;
     let status: Status = query
         .status
         .as_deref()
@@ -49,7 +106,7 @@ pub async fn list(
                 "status must be enqueued, started, done or unknown",
             )
         })?;
-    let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let limit = page_size(query.limit.as_deref())?;
     let after: Option<RequestId> = match &query.after {
         Some(a) => Some(
             a.parse()
@@ -91,6 +148,7 @@ pub async fn requeue(
     match state.store.requeue_unknown(&id).await? {
         Some(rec) => {
             state.dispatch.queued(rec.lane);
+            state.oldest_queued.forget();
             log::info!("request {id} requeued by an operator");
             Ok(HttpResponse::build(StatusCode::ACCEPTED).json(item(&rec)))
         }

@@ -13,8 +13,12 @@ use crate::store::StoreError;
 pub enum ApiError {
     #[error("no such request")]
     NotFound,
-    #[error("this method is not allowed here")]
-    MethodNotAllowed,
+    /// A path the gateway does not serve: the message says what it serves.
+    #[error("{0}")]
+    NoRoute(String),
+    /// The methods the path takes, for the `Allow` header.
+    #[error("this method is not allowed here; it takes {0}")]
+    MethodNotAllowed(&'static str),
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     #[error("the path, query, headers and callback URL together pass the limit of {0} bytes")]
@@ -68,8 +72,8 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::NotFound | ApiError::NoRoute(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::BadRequest { code, .. } => code,
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
@@ -91,8 +95,8 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotFound | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest { .. } | ApiError::BodyUnreadable(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -125,8 +129,15 @@ impl ResponseError for ApiError {
             other => other.to_string(),
         };
         let mut answer = HttpResponse::build(status);
-        if let ApiError::TooManyPending(_) = self {
-            answer.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        match self {
+            ApiError::TooManyPending(_) => {
+                answer.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+            }
+            // RFC 9110 §15.5.6: a 405 says what the path takes.
+            ApiError::MethodNotAllowed(allow) => {
+                answer.insert_header((actix_web::http::header::ALLOW, *allow));
+            }
+            _ => {}
         }
         answer.json(json!({"error": {"code": self.code(), "message": message}}))
     }

@@ -1,11 +1,10 @@
-//! Reads: status, the stored response, health and metrics. Every lookup
+//! Reads: status and the stored response. Every lookup
 //! answers the same 404 for an unknown, malformed, expired or foreign id.
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
-use serde_json::json;
 
 use super::prefer::{Prefer, applied_wait};
 use super::{ApiError, State, reserved_file, single_header, wait};
@@ -36,7 +35,7 @@ pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpRes
     if req.method() == Method::DELETE {
         return cancel(&req, &state).await;
     }
-    let file = reserved_file(&req, STATUS_PATH)?;
+    let file = reserved_file(&req, STATUS_PATH, super::STATUS_METHODS)?;
     let mut rec = find_owned(&req, &state, file)?;
     let prefer = Prefer::of(&req, state.max_wait);
     if let Some(wait) = prefer.wait
@@ -172,7 +171,7 @@ impl StatusView {
 }
 
 pub async fn response(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
-    let file = reserved_file(&req, "/async_api/v2/responses/")?;
+    let file = reserved_file(&req, "/async_api/v2/responses/", super::READ_METHODS)?;
     let rec = find_owned(&req, &state, file)?;
     stored_response(&rec, &state)
 }
@@ -203,23 +202,4 @@ pub fn stored_response(rec: &RequestRecord, state: &State) -> Result<HttpRespons
         }
     }
     Ok(res.body(body))
-}
-
-pub async fn healthz(state: web::Data<State>) -> HttpResponse {
-    if let Some(why) = state.store.fatal().failed() {
-        HttpResponse::ServiceUnavailable().json(json!({"status": "store failed", "reason": why}))
-    } else if state.dispatch.is_alive() {
-        HttpResponse::Ok().json(json!({"status": "ok"}))
-    } else {
-        HttpResponse::ServiceUnavailable().json(json!({"status": "dispatcher stopped"}))
-    }
-}
-
-pub async fn metrics(state: web::Data<State>) -> Result<HttpResponse, ApiError> {
-    let counts = state.store.counts()?;
-    state.metrics.set_held(state.store.watching());
-    let named: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(&named)))
 }

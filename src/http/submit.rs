@@ -53,12 +53,13 @@ pub async fn submit(
     payload: web::Payload,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let rest = req
-        .path()
-        .strip_prefix("/async_api/")
-        .ok_or(ApiError::NotFound)?;
+    let rest = req.path().strip_prefix("/async_api/").ok_or_else(|| {
+        ApiError::NoRoute(
+            "submissions go to /async_api/<rest>, run later as <upstream>/api/<rest>".into(),
+        )
+    })?;
     if req.method() == Method::CONNECT || req.method() == Method::TRACE {
-        return Err(ApiError::MethodNotAllowed);
+        return Err(ApiError::MethodNotAllowed(super::SUBMIT_METHODS));
     }
     let credential = single_header(&req, "authorization").map_err(|_| {
         ApiError::bad(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt;
 use futures_util::future::{Either, select, select_all};
 use serde::Deserialize;
 use serde_json::json;
@@ -97,12 +98,24 @@ struct Bulk {
     ids: Vec<serde_json::Value>,
 }
 
+/// The largest bulk body: 1,000 ids and room for whitespace.
+const BULK_BODY_MAX: usize = 1 << 20;
+
 /// `POST /async_api/v2/requests.json`: up to 1,000 status views at once.
 pub async fn bulk(
     req: HttpRequest,
-    body: web::Bytes,
+    mut payload: web::Payload,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
+    // Read by hand: the `Bytes` extractor's limit answers in plain text.
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BodyUnreadable(e.to_string()))?;
+        if body.len() + chunk.len() > BULK_BODY_MAX {
+            return Err(ApiError::BodyTooLarge(BULK_BODY_MAX as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
     let bad = || {
         ApiError::bad(
             "invalid_bulk_request",
@@ -117,14 +130,14 @@ pub async fn bulk(
     let caller = single_header(&req, "authorization")
         .ok()
         .map(|credential| credential_hash(state.store.salt(), credential));
+    // Ids are strings: anything else is a bad body (SPEC §10); a string
+    // that is no id is merely not found.
     let parsed: Vec<(String, Option<RequestId>)> = asked
         .ids
         .iter()
-        .map(|v| match v.as_str() {
-            Some(s) => (s.to_string(), s.parse().ok()),
-            None => (v.to_string(), None),
-        })
-        .collect();
+        .map(|v| v.as_str().map(|s| (s.to_string(), s.parse().ok())))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
     let prefer = Prefer::of(&req, state.max_wait);
     // Another credential's id may not be held for: it is "not found".
     if let (Some(wait), Some(caller)) = (prefer.wait, &caller) {

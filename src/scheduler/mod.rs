@@ -50,6 +50,13 @@ pub enum PauseReason {
 }
 
 impl PauseReason {
+    pub const ALL: [PauseReason; 4] = [
+        PauseReason::RateLimited,
+        PauseReason::QuotaExhausted,
+        PauseReason::UpstreamUnreachable,
+        PauseReason::Backoff,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PauseReason::RateLimited => "rate_limited",

@@ -340,9 +340,21 @@ impl TestApp {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Answer {
+        self.call_at(self.addr, method, path, headers, body).await
+    }
+
+    /// `call` to another of the gateway's listeners (`--ops-listen`).
+    pub async fn call_at(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
         let mut req = self
             .client
-            .request(method.parse().unwrap(), self.url(path))
+            .request(method.parse().unwrap(), format!("http://{addr}{path}"))
             .no_decompress();
         for (n, v) in headers {
             req = req.append_header((*n, *v));

@@ -3,6 +3,7 @@
 //! a fake upstream it scripts.
 
 mod admin;
+mod admin_cli;
 mod callback;
 mod callback_events;
 mod callback_guard;
@@ -15,7 +16,10 @@ mod helpers;
 mod hostile;
 mod input;
 mod lazyfs;
+mod logs;
 mod once;
+mod openapi;
+mod operable;
 mod ops;
 mod pacing;
 mod packaging;

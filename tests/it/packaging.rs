@@ -356,3 +356,34 @@ fn documentation_links_only_to_files_in_the_repository() {
     }
     assert!(checked > 20, "only {checked} links found");
 }
+
+/// Grafana lays panels out by `gridPos`: two on the same cells hide one
+/// another (the held long-polls panel once sat on the status codes).
+#[test]
+fn dashboard_panels_do_not_overlap() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut cells: BTreeSet<(u64, u64)> = BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(x + w <= 24, "{} is wider than the grid", p["title"]);
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{} overlaps another panel",
+                    p["title"]
+                );
+            }
+        }
+    }
+}

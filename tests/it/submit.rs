@@ -246,7 +246,7 @@ async fn reserved_paths_are_never_forwarded() {
         ("GET", "/async_api/v2/requests/a/b", 404),
         ("POST", "/async_api/v2/responses/a/b", 404),
         ("GET", "/admin/requests", 404),
-        ("POST", "/healthz", 404),
+        ("POST", "/healthz", 405),
         ("GET", "/api/v2/x.json", 404),
         ("POST", "/async_api", 404),
         ("POST", "/async_apix/v2", 404),
