@@ -125,7 +125,7 @@ impl Callbacks {
                     for (at, id, attempts) in started {
                         in_flight.push(async move { (id, this.deliver(at, id, attempts).await) });
                     }
-                    self.until_next_due()
+                    self.until_next_due(&busy)
                 }
                 Err(e) => {
                     log::error!("callbacks: {e}");
@@ -156,9 +156,16 @@ impl Callbacks {
         log::info!("callback delivery stopped");
     }
 
-    fn until_next_due(&self) -> Duration {
-        match self.store.next_callback_due() {
-            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(10)),
+    /// Until the earliest callback due that is not being delivered:
+    /// entries in flight stay in the index at their (past) due time, and
+    /// must not make the loop wake every few milliseconds.
+    fn until_next_due(&self, busy: &HashSet<RequestId>) -> Duration {
+        let next = self
+            .store
+            .due_callbacks(u64::MAX, busy.len() + 1)
+            .map(|due| due.into_iter().find(|(_, id, _)| !busy.contains(id)));
+        match next {
+            Ok(Some((at, _, _))) => Duration::from_millis(at.saturating_sub(now_ms()).max(10)),
             _ => Duration::from_secs(3600),
         }
         .min(MAX_IDLE)
@@ -227,7 +234,7 @@ impl Callbacks {
                 // can ever succeed, so retrying would only repeat this line.
                 log::warn!("callback for {id} given up: its URL is unusable ({e})");
                 self.metrics.callback_attempt(false);
-                self.store.callback_gave_up(due_ms, &id).await?;
+                self.store.callback_gave_up(due_ms, &id, None).await?;
                 return Ok(());
             }
         };
@@ -272,7 +279,7 @@ impl Callbacks {
         let next = now_ms() + doubling(base, attempts, cap).as_millis() as u64;
         if rec.expires_ms.is_some_and(|e| next >= e) {
             log::warn!("callback for {id} given up after {attempts} attempts: retention ends");
-            self.store.callback_gave_up(due_ms, &id).await?;
+            self.store.callback_gave_up(due_ms, &id, Some(code)).await?;
         } else {
             self.store.callback_retry(due_ms, &id, next, code).await?;
         }

@@ -295,6 +295,14 @@ fn callback_url(raw: &[u8]) -> Result<String, &'static str> {
         stored.push('?');
         stored.push_str(q);
     }
+    // What the callback client will put on a request line: a query with
+    // `"`, `<` or `>` parses as a URL but no request can carry it, so it
+    // could never be delivered.
+    if awc::http::Uri::try_from(stored.as_str()).is_err() {
+        return Err(
+            "X-Callback-Location has characters a request line cannot carry (percent-encode them)",
+        );
+    }
     Ok(stored)
 }
 
@@ -363,6 +371,9 @@ mod tests {
             "http://client.example:0/cb",
             "http://client.example:8o/cb",
             "http://client.example:-1/cb",
+            // a query no request line can carry
+            "http://client.example/cb?q=\"a\"",
+            "http://client.example/cb?q=<a>",
             // no host, or one the WHATWG parser would invent from the path
             "http://",
             "https://",

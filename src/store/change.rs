@@ -119,7 +119,13 @@ pub(super) enum Change {
         code: Option<u16>,
     },
     /// Its retention ended before any receiver took it.
-    CallbackGaveUp { due_ms: u64, id: RequestId },
+    /// `last`: the final attempt that failed (with the receiver's code, if
+    /// it answered), or `None` when no attempt was made.
+    CallbackGaveUp {
+        due_ms: u64,
+        id: RequestId,
+        last: Option<Option<u16>>,
+    },
 }
 
 /// What applying a change did.
@@ -475,13 +481,17 @@ impl<'a> Tx<'a> {
                 })?;
                 Applied::Changed(true)
             }
-            Change::CallbackGaveUp { due_ms, id } => {
+            Change::CallbackGaveUp { due_ms, id, last } => {
                 let Some(entry) = self.take_callback(*due_ms, id)? else {
                     return Ok(Applied::Changed(false));
                 };
                 self.callback_progress(id, entry, |st| {
                     st.phase = CallbackPhase::GaveUp;
                     st.next_attempt_ms = None;
+                    if let Some(code) = last {
+                        st.attempts = entry.attempts + 1;
+                        st.last_http_code = *code;
+                    }
                 })?;
                 Applied::Changed(true)
             }

@@ -405,8 +405,18 @@ impl Store {
     }
 
     /// The request's retention ended before any receiver took its callback.
-    pub async fn callback_gave_up(&self, due_ms: u64, id: &RequestId) -> Result<(), StoreError> {
-        one(self.change(Change::CallbackGaveUp { due_ms, id: *id })).await?;
+    pub async fn callback_gave_up(
+        &self,
+        due_ms: u64,
+        id: &RequestId,
+        last: Option<Option<u16>>,
+    ) -> Result<(), StoreError> {
+        let change = Change::CallbackGaveUp {
+            due_ms,
+            id: *id,
+            last,
+        };
+        one(self.change(change)).await?;
         Ok(())
     }
 }

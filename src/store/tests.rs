@@ -646,3 +646,21 @@ fn ahead_is_exact_across_buckets_claims_and_cancels() {
     assert_eq!(s.ahead(last).unwrap(), n as u64 - 4);
     assert_eq!(s.ahead(&recs[n / 2 + 1]).unwrap(), (n / 2 - 1) as u64);
 }
+
+/// Giving up after a last failed attempt counts that attempt and its code.
+#[test]
+fn a_callback_given_up_counts_its_last_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let rec = enqueue(&s, new_request(1, "POST", vec![], true)).unwrap();
+    let c = claim(&s, &rec.lane, 5).unwrap();
+    complete(&s, &rec.id, c.claims, completion(200, vec![]), 10, 100_000);
+    block(s.callback_retry(10, &rec.id, 1_010, Some(500))).unwrap();
+    block(s.callback_gave_up(1_010, &rec.id, Some(Some(503)))).unwrap();
+    let st = s.get(&rec.id).unwrap().unwrap().callback_state.unwrap();
+    assert_eq!(
+        (st.phase, st.attempts, st.last_http_code, st.next_attempt_ms),
+        (crate::model::CallbackPhase::GaveUp, 2, Some(503), None)
+    );
+    assert_eq!(s.next_callback_due().unwrap(), None);
+}
