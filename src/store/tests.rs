@@ -3,12 +3,22 @@ use super::*;
 use crate::model::{Callback, CallbackMethod, Outcome};
 use crate::model::{LaneKey, RequestId, ResponseHead, Status};
 
+/// Opens `dir`; a reopen waits (up to 5 s) for sled to release the data
+/// dir's lock, which sled 0.34 does some moments after the last handle of
+/// the previous open is dropped (spacejam/sled#1234).
 fn open(dir: &Path) -> Store {
-    Store::open(&StoreConfig {
-        path: dir.to_path_buf(),
-        cache_capacity: 8 << 20,
-    })
-    .unwrap()
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(&StoreConfig {
+            path: dir.to_path_buf(),
+            cache_capacity: 8 << 20,
+        }) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
 }
 
 fn new_request(lane: u8, method: &str, body: Vec<u8>, callback: bool) -> NewRequest {
