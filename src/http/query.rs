@@ -41,7 +41,7 @@ pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpRes
     if let Some(wait) = prefer.wait
         && !wait::settled(rec.status)
     {
-        wait::until_settled(&state, &[rec.id], &rec.lane.clone(), wait).await;
+        wait::until_settled(&state, &[rec.id], &rec.lane, wait).await;
         rec = find_owned(&req, &state, file)?;
     }
     let mut res = status_answer(&rec, &state)?;

@@ -223,6 +223,7 @@ impl Store {
         submitted(one(self.send(new.into_op()?)).await?)
     }
 
+    #[cfg(test)]
     pub fn submit_blocking(&self, new: NewRequest) -> Result<RequestRecord, StoreError> {
         match submitted(one_blocking(self.send(new.into_op()?))?)? {
             Submitted::New(rec) | Submitted::Again(rec) => Ok(rec),
@@ -258,7 +259,8 @@ impl Store {
         Ok(Self::claims(answer.await.map_err(|_| StoreError::Closed)??))
     }
 
-    /// Takes the head of `lane` (tests and tools). `None` when it is empty.
+    /// Takes the head of `lane` (tests). `None` when it is empty.
+    #[cfg(test)]
     pub fn claim_next_blocking(
         &self,
         lane: &LaneKey,

@@ -28,11 +28,6 @@ impl Store {
         Ok(self.get(id)?.map(|r| r.sealed).filter(|s| !s.is_empty()))
     }
 
-    /// Whether any credential is sealed: then the key file must exist.
-    pub fn has_sealed_credentials(&self) -> Result<bool, StoreError> {
-        Ok(self.first_sealed()?.is_some())
-    }
-
     /// One sealed credential with its request id: the start-up check that
     /// the key file is the one these were sealed with. Looks where sealed
     /// credentials are (queued, started, unknown), never at every record.
