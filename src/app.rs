@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::model::now_ms;
 use crate::net::{self, AddressPolicy};
 use crate::scheduler::Limits;
-use crate::store::{Store, StoreConfig, StoreError};
+use crate::store::{PgConfig, SledConfig, Store, StoreConfig, StoreError};
 use crate::sweeper::Sweeper;
 use crate::upstream::{self, Upstream, UpstreamError};
 use crate::{dispatcher, http};
@@ -76,11 +76,15 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     }
     let base = upstream::normalize_base(upstream_base)?;
     let tls = upstream::tls_config(args.upstream_ca_file.as_deref())?;
-    let store = Arc::new(Store::open(&StoreConfig {
-        path: args.data_dir.clone(),
-        cache_capacity: args.cache_capacity,
-    })?);
-    let first_sealed = store.first_sealed()?;
+    let config = match &args.store {
+        Some(url) => StoreConfig::Postgres(PgConfig { url: url.clone() }),
+        None => StoreConfig::Sled(SledConfig {
+            path: args.data_dir.clone(),
+            cache_capacity: args.cache_capacity,
+        }),
+    };
+    let store = Arc::new(Store::open(config).await?);
+    let first_sealed = store.first_sealed().await?;
     let sealer = Sealer::load_or_create(&args.key_file(), first_sealed.is_some())?;
     // A wrong key file stops the start (SPEC §6) before recovery changes
     // anything; one sealed credential is enough to tell, since one key

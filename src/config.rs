@@ -86,9 +86,16 @@ pub struct GatewayArgs {
     #[arg(long, env = "ASYNCGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Directory of the durable store.
+    /// Directory of the durable store (the embedded one; with --store,
+    /// only the default place of the credential key file).
     #[arg(long, env = "ASYNCGATE_DATA_DIR", default_value = "./asyncgate-data")]
     pub data_dir: PathBuf,
+
+    /// Keep every piece of state in one PostgreSQL database instead of
+    /// --data-dir: `postgres://user:password@host:port/database` [default:
+    /// the embedded store in --data-dir].
+    #[arg(long, env = "ASYNCGATE_STORE", value_parser = parse_store_url)]
+    pub store: Option<String>,
 
     /// Key that seals stored credentials [default: <data-dir>.key]. Created
     /// with mode 0600 on first start; keep it out of the data dir's backups.
@@ -257,6 +264,17 @@ pub enum AdminAction {
     Requeue { id: String },
     /// Delete a `done` or `unknown` request and its response.
     Delete { id: String },
+}
+
+/// A PostgreSQL URL (`postgres://` or `postgresql://`), checked whole
+/// before anything starts.
+fn parse_store_url(s: &str) -> Result<String, String> {
+    if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+        return Err("expected postgres://user:password@host:port/database".into());
+    }
+    s.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+    Ok(s.to_string())
 }
 
 impl GatewayArgs {

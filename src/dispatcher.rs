@@ -175,7 +175,8 @@ pub async fn run(
     let _alive = AliveGuard(chan.alive.clone());
     let ctx = Rc::new(ctx);
     let mut sched = Scheduler::new(ctx.limits);
-    for lane in ctx.store.pending_lanes().map_err(EngineFailure::Queues)? {
+    let pending = ctx.store.pending_lanes().await;
+    for lane in pending.map_err(EngineFailure::Queues)? {
         sched.queued(lane);
     }
     let mut wake_at: Option<Instant> = None;
@@ -431,7 +432,7 @@ async fn attempt(ctx: &Context, rec: &RequestRecord) -> Happened {
             [] => None,
             sealed => ctx.sealer.unseal_credential(&rec.id, sealed)?,
         };
-        let body = ctx.store.request_body(rec)?;
+        let body = ctx.store.request_body(rec).await?;
         Ok::<_, ExecError>((credential, body))
     };
     match prepared.await {

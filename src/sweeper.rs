@@ -4,7 +4,8 @@
 //! what accepting them did. Reads answer 404 past retention on their own
 //! (`RequestRecord::is_expired`); the sweep only reclaims space, and the
 //! journal segments go whole once nothing in them is referenced. Its own
-//! thread: it blocks on the store.
+//! thread, with a small runtime of its own to wait on the store: a long
+//! run of deletes never holds up an HTTP worker.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -12,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::model::now_ms;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// Requests deleted per round, and the pause after a full one: a round
 /// of deletes shares the writer with submissions, so runs stay short
@@ -34,10 +35,19 @@ impl Sweeper {
         let thread = std::thread::Builder::new()
             .name("asyncgate-sweeper".into())
             .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        store
+                            .fatal()
+                            .fail(format!("starting the retention sweep: {e}"));
+                        return;
+                    }
+                };
                 loop {
-                    let wait = match sweep(&store, now_ms(), BATCH) {
+                    let wait = match rt.block_on(store.expire(now_ms(), BATCH)) {
                         Ok(n) if n == BATCH => PAUSE,
-                        Ok(_) => until_next(&store),
+                        Ok(_) => rt.block_on(until_next(&store)),
                         Err(e) => {
                             log::error!("retention sweep: {e}");
                             Duration::from_secs(5)
@@ -60,19 +70,9 @@ impl Sweeper {
     }
 }
 
-fn until_next(store: &Store) -> Duration {
-    match store.next_expiry() {
+async fn until_next(store: &Store) -> Duration {
+    match store.next_expiry().await {
         Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(10)).min(MAX_IDLE),
         _ => MAX_IDLE,
     }
-}
-
-/// Deletes up to `limit` requests expired by `now_ms`; returns how many.
-pub fn sweep(store: &Store, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
-    let expired = store.expired(now_ms, limit)?;
-    let n = expired.len();
-    if n > 0 {
-        store.expire_blocking(now_ms, expired)?;
-    }
-    Ok(n)
 }

@@ -7,11 +7,12 @@
 //!     cargo bench --bench gateway -- --steady-secs 300   # a shorter steady state (default 1800)
 //!     cargo bench --bench gateway -- --only pending   # one scenario: accept, polls, e2e,
 //!                                                     # dispatch, pending, sweep, held,
-//!                                                     # bulk, keyed or steady
+//!                                                     # bulk, keyed, postgres or steady
 //!
 //! Timings never fail anything: the table says which targets were met.
 
 mod load;
+mod postgres;
 mod scripts;
 mod servers;
 mod steady;
@@ -21,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use asyncgate::model::{Outcome, RequestId, ResponseHead, now_ms};
-use asyncgate::store::{Claim, Completion, NewRequest, Settle, Store, StoreConfig};
+use asyncgate::store::{Claim, Completion, NewRequest, Settle, SledConfig, Store, StoreConfig};
 use load::{Load, Stats, percentile};
 use servers::{Gateway, Upstream};
 
@@ -163,6 +164,16 @@ fn main() {
             &dir("keyed"),
         ));
     }
+    if run("postgres") {
+        eprintln!("the PostgreSQL store beside the embedded one ...");
+        rows.extend(postgres::compare(
+            sizes.load_secs,
+            sizes.e2e,
+            &upstream_url,
+            &up_state,
+            scratch.path(),
+        ));
+    }
     if run("steady") {
         // 70% of the drain rate measured in this run (a small drain first
         // when the end-to-end scenario did not run).
@@ -254,7 +265,7 @@ fn accept(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> R
     }
 }
 
-fn submit_one(base: &str, path: &str) -> String {
+pub(crate) fn submit_one(base: &str, path: &str) -> String {
     actix_web::rt::System::new().block_on(async {
         let mut res = awc::Client::default()
             .post(format!("{base}{path}"))
@@ -421,17 +432,18 @@ fn pending(s: &Sizes, upstream: &str, up: &Upstream, data: &std::path::Path) -> 
 /// (through the store's operations, as the gateway itself writes: each
 /// step of a batch concurrently, so that the writer takes it in one round).
 fn populate_expired(data: &std::path::Path, n: usize) {
-    let store = Store::open(&StoreConfig {
-        path: data.to_path_buf(),
-        cache_capacity: 64 << 20,
-    })
-    .expect("open");
-    let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
-    let long_ago = now_ms() - 3 * 86_400_000;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let store = rt
+        .block_on(Store::open(StoreConfig::Sled(SledConfig {
+            path: data.to_path_buf(),
+            cache_capacity: 64 << 20,
+        })))
+        .expect("open");
+    let lane = asyncgate::crypto::credential_hash(store.salt(), Some(b"Bearer old"));
+    let long_ago = now_ms() - 3 * 86_400_000;
     let mut made = 0;
     while made < n {
         let k = (n - made).min(256);

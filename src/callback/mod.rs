@@ -125,7 +125,7 @@ impl Callbacks {
                     for (at, id, attempts) in started {
                         in_flight.push(async move { (id, this.deliver(at, id, attempts).await) });
                     }
-                    self.until_next_due(&busy)
+                    self.until_next_due(&busy).await
                 }
                 Err(e) => {
                     log::error!("callbacks: {e}");
@@ -159,10 +159,11 @@ impl Callbacks {
     /// Until the earliest callback due that is not being delivered:
     /// entries in flight stay in the index at their (past) due time, and
     /// must not make the loop wake every few milliseconds.
-    fn until_next_due(&self, busy: &HashSet<RequestId>) -> Duration {
+    async fn until_next_due(&self, busy: &HashSet<RequestId>) -> Duration {
         let next = self
             .store
             .due_callbacks(u64::MAX, busy.len() + 1)
+            .await
             .map(|due| due.into_iter().find(|(_, id, _)| !busy.contains(id)));
         match next {
             Ok(Some((at, _, _))) => Duration::from_millis(at.saturating_sub(now_ms()).max(10)),
@@ -185,7 +186,8 @@ impl Callbacks {
         // until they end: read past them.
         let due: Vec<_> = self
             .store
-            .due_callbacks(now_ms(), busy.len() + free)?
+            .due_callbacks(now_ms(), busy.len() + free)
+            .await?
             .into_iter()
             .filter(|(_, id, _)| !busy.contains(id))
             .take(free)
@@ -206,7 +208,7 @@ impl Callbacks {
         entry: CallbackEntry,
     ) -> Result<(), StoreError> {
         let now = now_ms();
-        let rec = match self.store.get(&id)? {
+        let rec = match self.store.get(&id).await? {
             Some(rec) if !rec.is_expired(now) => rec,
             _ => {
                 self.store.callback_finished(due_ms, &id, None).await?;

@@ -114,7 +114,7 @@ pub async fn list(req: HttpRequest, state: web::Data<State>) -> Result<HttpRespo
         ),
         None => None,
     };
-    let records = state.store.list(status, after.as_ref(), limit)?;
+    let records = state.store.list(status, after.as_ref(), limit).await?;
     let next = (records.len() == limit)
         .then(|| records.last().map(|r| r.id.to_string()))
         .flatten();
@@ -152,11 +152,9 @@ pub async fn requeue(
             log::info!("request {id} requeued by an operator");
             Ok(HttpResponse::build(StatusCode::ACCEPTED).json(item(&rec)))
         }
-        None => Err(conflict_or_missing(
-            &state,
-            &id,
-            "only an unknown request can be requeued",
-        )?),
+        None => {
+            Err(conflict_or_missing(&state, &id, "only an unknown request can be requeued").await?)
+        }
     }
 }
 
@@ -175,12 +173,17 @@ pub async fn delete(
         &state,
         &id,
         "an enqueued or started request cannot be deleted",
-    )?)
+    )
+    .await?)
 }
 
 /// 409 when the request exists (in the wrong status), else 404.
-fn conflict_or_missing(state: &State, id: &RequestId, why: &str) -> Result<ApiError, ApiError> {
-    Ok(match state.store.get(id)? {
+async fn conflict_or_missing(
+    state: &State,
+    id: &RequestId,
+    why: &str,
+) -> Result<ApiError, ApiError> {
+    Ok(match state.store.get(id).await? {
         Some(rec) => ApiError::Conflict(format!("{why}; it is {}", rec.status.as_str())),
         None => ApiError::NotFound,
     })

@@ -22,7 +22,7 @@ pub async fn openapi() -> HttpResponse {
 }
 
 pub async fn healthz(state: web::Data<State>) -> HttpResponse {
-    if let Some(why) = state.store.fatal().failed() {
+    if let Some(why) = state.store.unhealthy().await {
         HttpResponse::ServiceUnavailable().json(json!({"status": "store failed", "reason": why}))
     } else if state.dispatch.is_alive() {
         HttpResponse::Ok().json(json!({"status": "ok"}))
@@ -37,18 +37,24 @@ const CALLBACKS_COUNTED: usize = 100_000;
 
 pub async fn metrics(state: web::Data<State>) -> Result<HttpResponse, ApiError> {
     // The scrape walks indexes (pending callbacks, the oldest queued
-    // request): off the HTTP worker, like any other blocking read.
+    // request; sled's reads block): off the HTTP worker, on a runtime of
+    // its own for the store's futures.
     let scraping = state.clone();
-    let text = web::block(move || scrape(&scraping))
-        .await
-        .map_err(|e| ApiError::Store(StoreError::Unavailable(e.to_string())))??;
+    let text = web::block(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| ApiError::Store(StoreError::Io(e)))?
+            .block_on(scrape(&scraping))
+    })
+    .await
+    .map_err(|e| ApiError::Store(StoreError::Unavailable(e.to_string())))??;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text))
 }
 
-fn scrape(state: &State) -> Result<String, ApiError> {
-    let counts = state.store.counts()?;
+async fn scrape(state: &State) -> Result<String, ApiError> {
+    let counts = state.store.counts().await?;
     state.metrics.set_held(state.store.watching());
     let named: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
     let mut text = state.metrics.render(&named);
@@ -56,11 +62,13 @@ fn scrape(state: &State) -> Result<String, ApiError> {
     let health = QueueHealth {
         callbacks_pending: state
             .store
-            .due_callbacks(u64::MAX, CALLBACKS_COUNTED)?
+            .due_callbacks(u64::MAX, CALLBACKS_COUNTED)
+            .await?
             .len() as u64,
         oldest_queued_age_ms: state
             .oldest_queued
-            .created_ms(&state.store, now)?
+            .created_ms(&state.store, now)
+            .await?
             .map_or(0, |created| now.saturating_sub(created)),
         paused_by_reason: state.pauses.by_reason(),
     };
@@ -93,21 +101,22 @@ const SLACK_MS: u64 = 60_000;
 
 impl OldestQueued {
     /// When the oldest queued request was created, if any is queued.
-    pub fn created_ms(&self, store: &Store, now: u64) -> Result<Option<u64>, StoreError> {
-        let started_before = oldest(store, Status::Started)?;
+    pub async fn created_ms(&self, store: &Store, now: u64) -> Result<Option<u64>, StoreError> {
+        let started_before = oldest(store, Status::Started).await?;
         let from = *self.from.lock().unwrap_or_else(|p| p.into_inner());
         let from = min(from, started_before);
         let found = match from {
-            None => oldest(store, Status::Enqueued)?,
-            Some(id) => match store.get(&id)? {
+            None => oldest(store, Status::Enqueued).await?,
+            Some(id) => match store.get(&id).await? {
                 Some(rec) if rec.status == Status::Enqueued => Some(id),
                 _ => store
-                    .list(Status::Enqueued, Some(&id), 1)?
+                    .list(Status::Enqueued, Some(&id), 1)
+                    .await?
                     .first()
                     .map(|r| r.id),
             },
         };
-        let started_after = oldest(store, Status::Started)?;
+        let started_after = oldest(store, Status::Started).await?;
         let mut next = Some(id_at(now.saturating_sub(SLACK_MS)));
         for id in [found, started_before, started_after] {
             next = min(next, id);
@@ -123,8 +132,8 @@ impl OldestQueued {
     }
 }
 
-fn oldest(store: &Store, status: Status) -> Result<Option<RequestId>, StoreError> {
-    Ok(store.list(status, None, 1)?.first().map(|r| r.id))
+async fn oldest(store: &Store, status: Status) -> Result<Option<RequestId>, StoreError> {
+    Ok(store.list(status, None, 1).await?.first().map(|r| r.id))
 }
 
 fn min(a: Option<RequestId>, b: Option<RequestId>) -> Option<RequestId> {

@@ -14,13 +14,17 @@ use crate::model::{CallbackPhase, RequestId, RequestRecord, Status, format_time,
 use crate::store::StoreError;
 
 /// The record behind `{id}.json`, if the caller's credential submitted it.
-fn find_owned(req: &HttpRequest, state: &State, file: &str) -> Result<RequestRecord, ApiError> {
+async fn find_owned(
+    req: &HttpRequest,
+    state: &State,
+    file: &str,
+) -> Result<RequestRecord, ApiError> {
     let id: RequestId = file
         .strip_suffix(".json")
         .and_then(|s| s.parse().ok())
         .ok_or(ApiError::NotFound)?;
     let credential = single_header(req, "authorization").map_err(|_| ApiError::NotFound)?;
-    let rec = state.store.get(&id)?.ok_or(ApiError::NotFound)?;
+    let rec = state.store.get(&id).await?.ok_or(ApiError::NotFound)?;
     let caller = credential_hash(state.store.salt(), credential);
     if !same_owner(&rec.lane, &caller) || rec.is_expired(now_ms()) {
         return Err(ApiError::NotFound);
@@ -36,15 +40,15 @@ pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpRes
         return cancel(&req, &state).await;
     }
     let file = reserved_file(&req, STATUS_PATH, super::STATUS_METHODS)?;
-    let mut rec = find_owned(&req, &state, file)?;
+    let mut rec = find_owned(&req, &state, file).await?;
     let prefer = Prefer::of(&req, state.max_wait);
     if let Some(wait) = prefer.wait
         && !wait::settled(rec.status)
     {
         wait::until_settled(&state, &[rec.id], &rec.lane, wait).await;
-        rec = find_owned(&req, &state, file)?;
+        rec = find_owned(&req, &state, file).await?;
     }
-    let mut res = status_answer(&rec, &state)?;
+    let mut res = status_answer(&rec, &state).await?;
     if let Some(wait) = prefer.wait {
         res.headers_mut().insert(
             HeaderName::from_static("preference-applied"),
@@ -56,8 +60,8 @@ pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpRes
 
 /// A status view as the status path answers it: 303 to the response once
 /// `done`, 200 otherwise.
-pub fn status_answer(rec: &RequestRecord, state: &State) -> Result<HttpResponse, ApiError> {
-    let view = StatusView::new(rec, state)?;
+pub async fn status_answer(rec: &RequestRecord, state: &State) -> Result<HttpResponse, ApiError> {
+    let view = StatusView::new(rec, state).await?;
     Ok(match &view.response_url {
         Some(url) => HttpResponse::build(StatusCode::SEE_OTHER)
             .insert_header((header::LOCATION, url.as_str()))
@@ -74,7 +78,7 @@ async fn cancel(req: &HttpRequest, state: &State) -> Result<HttpResponse, ApiErr
         .strip_prefix(STATUS_PATH)
         .filter(|f| !f.is_empty() && !f.contains('/'))
         .ok_or(ApiError::NotFound)?;
-    let rec = find_owned(req, state, file)?;
+    let rec = find_owned(req, state, file).await?;
     match state.store.cancel(&rec.id).await {
         Ok(true) => {
             log::info!("request {} cancelled by its owner", rec.id);
@@ -121,11 +125,11 @@ struct CallbackView {
 }
 
 impl StatusView {
-    pub fn new(rec: &RequestRecord, state: &State) -> Result<StatusView, ApiError> {
+    pub async fn new(rec: &RequestRecord, state: &State) -> Result<StatusView, ApiError> {
         let public_url = state.public_url.as_deref();
         let queued = rec.status == Status::Enqueued;
         let ahead = if queued {
-            Some(state.store.ahead(rec)?)
+            Some(state.store.ahead(rec).await?)
         } else {
             None
         };
@@ -172,12 +176,12 @@ impl StatusView {
 
 pub async fn response(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
     let file = reserved_file(&req, "/async_api/v2/responses/", super::READ_METHODS)?;
-    let rec = find_owned(&req, &state, file)?;
-    stored_response(&rec, &state)
+    let rec = find_owned(&req, &state, file).await?;
+    stored_response(&rec, &state).await
 }
 
 /// The stored response of a `done` request, as it was received (SPEC §3).
-pub fn stored_response(rec: &RequestRecord, state: &State) -> Result<HttpResponse, ApiError> {
+pub async fn stored_response(rec: &RequestRecord, state: &State) -> Result<HttpResponse, ApiError> {
     let outcome = match (&rec.status, &rec.outcome) {
         (Status::Done, Some(o)) => o,
         _ => return Err(ApiError::NotFound),
@@ -185,7 +189,11 @@ pub fn stored_response(rec: &RequestRecord, state: &State) -> Result<HttpRespons
     if !outcome.kept {
         return Err(ApiError::ResponseTooLarge);
     }
-    let (head, body) = state.store.response(&rec.id)?.ok_or(ApiError::NotFound)?;
+    let (head, body) = state
+        .store
+        .response(&rec.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let code = StatusCode::from_u16(head.code).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut res = HttpResponse::build(code);
     for (name, value) in &head.headers {

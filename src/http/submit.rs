@@ -91,14 +91,15 @@ pub async fn submit(
         idempotency = prefer::idempotency(&req, &method, &target, &read)?;
         body = Some(read);
     }
-    if let Err(refused) = admit(&state, &lane) {
-        return match idempotency
-            .map(|i| state.store.idempotent(&lane, &i))
-            .transpose()?
-        {
-            Some(Some(Ok(first))) => answer(&state, first, &prefer).await,
-            Some(Some(Err(e))) => Err(e.into()),
-            _ => Err(refused),
+    if let Err(refused) = admit(&state, &lane).await {
+        let first = match idempotency {
+            Some(i) => state.store.idempotent(&lane, &i).await?,
+            None => None,
+        };
+        return match first {
+            Some(Ok(first)) => answer(&state, first, &prefer).await,
+            Some(Err(e)) => Err(e.into()),
+            None => Err(refused),
         };
     }
     let body = match (body, payload) {
@@ -149,12 +150,12 @@ pub async fn submit(
 /// The disk's reserve (507) and the credential's queue cap (429), checked
 /// before the body is read (the cap again, exactly, where the request is
 /// stored).
-fn admit(state: &State, lane: &crate::model::LaneKey) -> Result<(), ApiError> {
+async fn admit(state: &State, lane: &crate::model::LaneKey) -> Result<(), ApiError> {
     if state.store.free_space()? < state.min_free_disk {
         return Err(ApiError::InsufficientStorage);
     }
     if let Some(cap) = state.max_pending_per_credential
-        && state.store.pending_in_lane(lane)? >= cap
+        && state.store.pending_in_lane(lane).await? >= cap
     {
         return Err(ApiError::TooManyPending(cap));
     }
@@ -176,10 +177,11 @@ async fn answer(
             .json(json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})));
     };
     wait::until_settled(state, &[rec.id], &rec.lane, wait).await;
-    let now = wait::visible(state, &rec.id, &rec.lane)?;
+    let now = wait::visible(state, &rec.id, &rec.lane).await?;
     if let Some(done) = now.as_ref().filter(|r| r.status == Status::Done) {
         // Too large to keep: the 502 still says where the request is.
         let mut res = query::stored_response(done, state)
+            .await
             .unwrap_or_else(|e| actix_web::ResponseError::error_response(&e));
         let content = format!("/async_api/v2/responses/{}.json", rec.id);
         let h = res.headers_mut();
@@ -191,7 +193,7 @@ async fn answer(
         return Ok(res);
     }
     let view = match &now {
-        Some(r) => serde_json::to_value(StatusView::new(r, state)?).unwrap_or_default(),
+        Some(r) => serde_json::to_value(StatusView::new(r, state).await?).unwrap_or_default(),
         None => {
             json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})
         }

@@ -26,14 +26,15 @@ pub fn settled(status: Status) -> bool {
 }
 
 /// The record of `id` if `caller` owns it and it has not expired.
-pub fn visible(
+pub async fn visible(
     state: &State,
     id: &RequestId,
     caller: &LaneKey,
 ) -> Result<Option<RequestRecord>, ApiError> {
     Ok(state
         .store
-        .get(id)?
+        .get(id)
+        .await?
         .filter(|r| same_owner(&r.lane, caller) && !r.is_expired(now_ms())))
 }
 
@@ -47,7 +48,7 @@ pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, w
     let mut watched = Vec::new();
     let mut waiting = Vec::new();
     for id in unique {
-        if let Some(woken) = arm(state, id, caller) {
+        if let Some(woken) = arm(state, id, caller).await {
             watched.push(id);
             waiting.push(woken);
         }
@@ -58,7 +59,7 @@ pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, w
         match select(select_all(waiting), select(timeout, stop)).await {
             Either::Left(((id, _, rest), _)) => {
                 waiting = rest;
-                if let Some(again) = arm(state, id, caller) {
+                if let Some(again) = arm(state, id, caller).await {
                     waiting.push(again);
                 }
             }
@@ -75,14 +76,14 @@ type Woken = std::pin::Pin<Box<dyn std::future::Future<Output = RequestId>>>;
 /// Watches `id` if it is visible and not settled: look, watch, look again,
 /// so that a change in between is not missed. Resolves to `id` on a
 /// change.
-fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Woken> {
+async fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Woken> {
     let unsettled =
-        |state: &State| matches!(visible(state, &id, caller), Ok(Some(r)) if !settled(r.status));
-    if !unsettled(state) {
+        async || matches!(visible(state, &id, caller).await, Ok(Some(r)) if !settled(r.status));
+    if !unsettled().await {
         return None;
     }
     let rx = state.store.watch(&id);
-    if !unsettled(state) {
+    if !unsettled().await {
         drop(rx);
         state.store.unwatch(&id);
         return None;
@@ -148,11 +149,11 @@ pub async fn bulk(
     let mut not_found = Vec::new();
     for (raw, id) in parsed {
         let rec = match (id, &caller) {
-            (Some(id), Some(caller)) => visible(&state, &id, caller)?,
+            (Some(id), Some(caller)) => visible(&state, &id, caller).await?,
             _ => None,
         };
         match rec {
-            Some(rec) => items.push(StatusView::new(&rec, &state)?),
+            Some(rec) => items.push(StatusView::new(&rec, &state).await?),
             None => not_found.push(raw),
         }
     }

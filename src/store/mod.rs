@@ -1,64 +1,39 @@
-//! The durable store: a journal of our own as the source of truth, sled as
-//! the index behind it, and a short list of domain operations.
+//! The durable store: a short list of domain operations (submit, claim,
+//! settle, cancel, expire...) behind one type, on one of two backends:
 //!
-//! Every change (a submission with its body, a claim, an answer with its
-//! response, a delete...) is appended to the journal (`journal`) by the one
-//! writer thread (`writer`), in rounds that share one `fdatasync`; only
-//! then is it applied to sled (`change::apply`, one transaction a round)
-//! and answered. sled is flushed every half second by the checkpointer,
-//! with the journal position its trees reflect (`meta/checkpoint`); after
-//! a crash, `open` applies the journal from there (`recovery`). So a
-//! submission costs one journal append and one shared fsync, and sled
-//! never sits on the path to a 202.
+//! - `embedded` (the default): a journal of our own with sled as its index,
+//!   in `--data-dir`: one node;
+//! - `pg`: one PostgreSQL database (`--store postgres://...`), SPEC §12.
 //!
-//! Trees (keys in `keys`):
-//!
-//! | tree | key | value |
-//! | --- | --- | --- |
-//! | `records` | id | `RequestRecord` (sealed credential, where body and response are) |
-//! | `lanes` | lane, seq | id — the per-credential FIFO queues |
-//! | `by_status` | status, id | — (`started` and `unknown` only) |
-//! | `expiry` | expires at, id | — (retention, oldest first) |
-//! | `callbacks` | due at, id | attempts so far |
-//! | `counters` | status; `p` + lane; `b` + lane + seq bucket; `s` + segment | count |
-//! | `meta` | `format`, `checkpoint` | |
-//! | `idempotency` | lane, hashed `Idempotency-Key` | id |
-//!
-//! Journal segments are deleted whole, once no record references a blob in
-//! them and the checkpoint is past them: retention drops time-ordered
-//! ranges of `expiry` in one change each, and the files go with them.
+//! Both decide the same way: the policy (round-robin, pacing, backoff) is
+//! the scheduler's, and every operation here is durable when it returns.
 
-mod change;
 mod codec;
+mod embedded;
 mod fatal;
-mod journal;
-mod keys;
-mod ops;
-mod reads;
-mod recovery;
-mod writer;
+mod pg;
+mod types;
+mod waiters;
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
-
-pub use change::CallbackEntry;
+pub use embedded::{SledConfig, SledStore, create_dir_durably};
 pub use fatal::Fatal;
-pub use ops::{Completion, NewRequest, Recovered, Settle, Submitted};
+pub use pg::PgConfig;
+pub use types::{CallbackEntry, Completion, NewRequest, Recovered, Settle, Submitted};
 
-use crate::model::{RequestId, RequestRecord};
-use change::{COUNTERS, META, TREES};
-use journal::{Journal, Position};
+use std::path::PathBuf;
+
 use tokio::sync::oneshot;
-use writer::Writer;
+
+use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use pg::PgStore;
+use waiters::Waiters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage: {0}")]
     Sled(#[from] sled::Error),
+    #[error("database: {0}")]
+    Postgres(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("stored value unreadable: {0}")]
@@ -98,338 +73,373 @@ pub enum Claim {
     Skipped,
 }
 
-/// The largest value kept in sled. sled writes a node whose encoding passes
-/// a quarter segment (256 KiB with our 1 MiB segments) as a blob file it
-/// never fsyncs. A leaf splits past 16 entries, only on a later traversal,
-/// and a merge can add a few more: about 20 at worst, so 22 × 11 KiB
-/// still stays under that and every value is power-cut safe. Bodies and
-/// responses have no such limit: they live in the journal.
+/// The largest record (without its body) either store keeps. sled writes a
+/// node whose encoding passes a quarter segment (256 KiB with our 1 MiB
+/// segments) as a blob file it never fsyncs. A leaf splits past 16
+/// entries, only on a later traversal, and a merge can add a few more:
+/// about 20 at worst, so 22 × 11 KiB still stays under that and every
+/// value is power-cut safe. Bodies and responses have no such limit: they
+/// live in the journal (or in their own columns).
 pub const MAX_VALUE: usize = 11 * 1024;
 
-/// sled's log segment size (its default is 512 KiB): sets the blob
-/// threshold `MAX_VALUE` is measured against.
-const SEGMENT_SIZE: usize = 1 << 20;
-
-/// The on-disk format this version writes (`meta/format`).
-const FORMAT: u8 = 2;
-
-/// How often sled is flushed and the checkpoint moved on.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-
-pub struct StoreConfig {
-    pub path: PathBuf,
-    /// Bytes of sled's page cache (its default, 1 GiB, grows with the queue).
-    pub cache_capacity: u64,
-}
-
-/// What the writer and checkpointer threads share with the store.
-pub(crate) struct Core {
-    db: sled::Db,
-    /// In `change::TREES` order.
-    trees: Vec<sled::Tree>,
-    journal: Journal,
-    /// sled's log file, fsync'd at each checkpoint.
-    log: File,
-    /// Set once a write could not be made durable: nothing more is.
-    fatal: Fatal,
-    /// Long-polls waiting for a request to finish (`Store::watch`).
-    waiters: Mutex<HashMap<RequestId, Vec<oneshot::Sender<()>>>>,
+/// Which backend, with its settings.
+pub enum StoreConfig {
+    Sled(SledConfig),
+    Postgres(PgConfig),
 }
 
 pub struct Store {
-    core: Arc<Core>,
-    writer: Arc<Writer>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-    checkpoints: Arc<(Mutex<bool>, Condvar)>,
-    /// Per data dir: credentials hash differently in every installation.
-    salt: [u8; 32],
-    /// The data dir (its file system's free space is watched).
-    path: PathBuf,
+    backend: Backend,
 }
 
-impl Core {
-    fn tree(&self, i: usize) -> &sled::Tree {
-        &self.trees[i]
-    }
-
-    /// Flushes sled and moves the durable checkpoint on; then deletes the
-    /// journal segments no record needs and recovery can no longer read.
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        let at: Option<Position> = match self.tree(META).get("checkpoint")? {
-            Some(v) => Some(codec::decode(&v)?),
-            None => None,
-        };
-        let current = self.journal.current();
-        let mut dead = Vec::new();
-        if let Some(at) = at {
-            for s in journal::segments(self.journal.dir())? {
-                let unused = self.tree(COUNTERS).get(keys::segment(s))?.is_none();
-                if s < at.segment && s != current && unused {
-                    dead.push(s);
-                }
-            }
-        }
-        let flushed = self
-            .db
-            .flush()
-            .map_err(StoreError::from)
-            .and_then(|_| Ok(self.log.sync_data()?));
-        if let Err(e) = flushed {
-            self.fatal
-                .fail(format!("flushing the index to disk failed: {e}"));
-            return Err(e);
-        }
-        if !dead.is_empty() {
-            self.journal.remove(&dead)?;
-        }
-        Ok(())
-    }
+enum Backend {
+    Sled(SledStore),
+    Pg(Box<PgStore>),
 }
 
 impl Store {
-    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        create_dir_durably(&config.path)?;
-        recovery::refuse_old_format(&config.path)?;
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
-            .segment_size(SEGMENT_SIZE)
-            // No flusher thread of sled's own: it only logs the errors of
-            // its periodic fsync. The checkpointer flushes and fsyncs, and
-            // treats a failure as fatal.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| classify_open_error(e, &config.path))?;
-        recovery::check_format(&db, &config.path)?;
-        let trees = TREES
-            .iter()
-            .map(|name| db.open_tree(name))
-            .collect::<Result<Vec<_>, _>>()?;
-        let salt = load_or_make_salt(&db)?;
-        let log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(config.path.join("db"))?;
-        let journal = Journal::open(&config.path.join("journal"))?;
-        let core = Arc::new(Core {
-            db,
-            trees,
-            journal,
-            log,
-            fatal: Fatal::default(),
-            waiters: Mutex::default(),
-        });
-        // The journal's tail the trees had not caught up with.
-        let replayed = recovery::replay(&core)?;
-        if replayed > 0 {
-            log::info!("applied {replayed} journal entries written after the last checkpoint");
-        }
-        core.checkpoint()?;
-        // sled writes its `conf` file without an fsync: make it durable, and
-        // sled's own files (`conf`, `db`, `blobs/`, `journal/`), new
-        // entries, with it.
-        File::open(config.path.join("conf"))?.sync_all()?;
-        File::open(&config.path)?.sync_all()?;
-        let writer = Arc::new(Writer::new());
-        let checkpoints = Arc::new((Mutex::new(false), Condvar::new()));
-        let threads = vec![
-            spawn("asyncgate-writer", {
-                let (w, c) = (writer.clone(), core.clone());
-                move || w.run(&c)
-            }),
-            spawn("asyncgate-checkpoint", {
-                let (c, stop) = (core.clone(), checkpoints.clone());
-                move || checkpoint_loop(&c, &stop)
-            }),
-        ];
-        Ok(Store {
-            core,
-            writer,
-            threads: Mutex::new(threads),
-            checkpoints,
-            salt,
-            path: config.path.clone(),
-        })
+    /// Opens (and on PostgreSQL migrates) the store. Start-up recovery of
+    /// what a crash left `started` is `recover`'s.
+    pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let backend = match config {
+            StoreConfig::Sled(c) => Backend::Sled(SledStore::open(&c)?),
+            StoreConfig::Postgres(c) => Backend::Pg(Box::new(PgStore::open(c).await?)),
+        };
+        Ok(Store { backend })
     }
 
+    /// The embedded store, for tests and benches that look inside.
+    pub fn sled(&self) -> Option<&SledStore> {
+        match &self.backend {
+            Backend::Sled(s) => Some(s),
+            Backend::Pg(_) => None,
+        }
+    }
+
+    /// Per installation (data dir or database): credentials hash
+    /// differently in every one.
     pub fn salt(&self) -> &[u8; 32] {
-        &self.salt
+        match &self.backend {
+            Backend::Sled(s) => s.salt(),
+            Backend::Pg(s) => s.salt(),
+        }
     }
 
-    /// Bytes free for an unprivileged writer on the data dir's file system.
+    /// Bytes free where bodies are written: the data dir's file system.
+    /// PostgreSQL's disk is the database's: a full one refuses the insert
+    /// (`NoSpace`, SQLSTATE 53100), so there is nothing to watch here.
     pub fn free_space(&self) -> Result<u64, StoreError> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes())
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
-        // SAFETY: `path` is a valid C string and `stat` a plain struct that
-        // statvfs fills in; nothing is kept past the call.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-            return Err(StoreError::Io(std::io::Error::last_os_error()));
+        match &self.backend {
+            Backend::Sled(s) => s.free_space(),
+            Backend::Pg(_) => Ok(u64::MAX),
         }
-        Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
     }
 
     /// The failure switch: the app stops the process once it is set.
     pub fn fatal(&self) -> &Fatal {
-        &self.core.fatal
+        match &self.backend {
+            Backend::Sled(s) => s.fatal(),
+            Backend::Pg(s) => s.fatal(),
+        }
     }
 
-    fn tree(&self, i: usize) -> &sled::Tree {
-        self.core.tree(i)
+    /// Why the store cannot serve now, if it cannot: it failed (a failed
+    /// fsync...), or its database does not answer.
+    pub async fn unhealthy(&self) -> Option<String> {
+        if let Some(why) = self.fatal().failed() {
+            return Some(why);
+        }
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Pg(s) => s.ping().await.err().map(|e| e.to_string()),
+        }
     }
 
-    /// Finishes the queued writes, stops the threads and checkpoints.
+    /// Finishes what is queued and closes.
     pub fn close(&self) -> Result<(), StoreError> {
-        self.stop_threads();
-        if let Some(why) = self.core.fatal.failed() {
-            return Err(StoreError::Unavailable(why));
-        }
-        self.core.checkpoint()
-    }
-
-    /// Lets the writer finish what is queued; later writes get `Closed`.
-    fn stop_threads(&self) {
-        self.writer.stop();
-        {
-            let (stop, wake) = &*self.checkpoints;
-            *stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            wake.notify_all();
-        }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in threads {
-            let _ = t.join();
+        match &self.backend {
+            Backend::Sled(s) => s.close(),
+            Backend::Pg(s) => s.close(),
         }
     }
-}
 
-impl Store {
-    /// Resolves when `id` may have finished (`done`, `unknown`) or gone:
-    /// look again then. Register before looking at the status, so that a
-    /// change in between is not missed. Only this request's waiters are
-    /// woken, by the round that applied the change.
+    fn waiters(&self) -> &Waiters {
+        match &self.backend {
+            Backend::Sled(s) => s.waiters(),
+            Backend::Pg(s) => s.waiters(),
+        }
+    }
+
+    /// Resolves when `id` may have finished or gone (look again then).
+    /// Register before looking at the status, so that a change in between
+    /// is not missed. Only that request's waiters are woken.
     pub fn watch(&self, id: &RequestId) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.core.lock_waiters().entry(*id).or_default().push(tx);
-        rx
+        self.waiters().watch(id)
     }
 
-    /// Forgets the waiters of `id` that gave up (a timeout, a closed
-    /// connection).
+    /// Forgets the waiters of `id` that gave up.
     pub fn unwatch(&self, id: &RequestId) {
-        let mut w = self.core.lock_waiters();
-        if let Some(list) = w.get_mut(id) {
-            list.retain(|tx| !tx.is_closed());
-            if list.is_empty() {
-                w.remove(id);
-            }
-        }
+        self.waiters().unwatch(id)
     }
 
     /// Long-polls waiting now (a metric).
     pub fn watching(&self) -> usize {
-        self.core.lock_waiters().values().map(Vec::len).sum()
+        self.waiters().watching()
     }
 }
 
-impl Core {
-    fn lock_waiters(
+/// The reads. sled's are synchronous (a lookup in memory-mapped trees);
+/// PostgreSQL's are queries.
+impl Store {
+    pub async fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.get(id),
+            Backend::Pg(s) => s.get(*id).await,
+        }
+    }
+
+    pub async fn request_body(&self, rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.request_body(rec),
+            Backend::Pg(s) => s.request_body(rec.id).await,
+        }
+    }
+
+    /// One sealed credential with its request id: the start-up check that
+    /// the key file is the one these were sealed with.
+    pub async fn first_sealed(&self) -> Result<Option<(RequestId, Vec<u8>)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.first_sealed(),
+            Backend::Pg(s) => s.first_sealed().await,
+        }
+    }
+
+    /// The stored response head and, unless it was too large, its body.
+    pub async fn response(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<RequestId, Vec<oneshot::Sender<()>>>> {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Wakes whoever waits on these requests.
-    fn wake(&self, ids: impl Iterator<Item = RequestId>) {
-        let mut w = self.lock_waiters();
-        if w.is_empty() {
-            return;
-        }
-        for id in ids {
-            for tx in w.remove(&id).into_iter().flatten() {
-                let _ = tx.send(());
-            }
+        id: &RequestId,
+    ) -> Result<Option<(ResponseHead, Vec<u8>)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.response(id),
+            Backend::Pg(s) => s.response(*id).await,
         }
     }
-}
 
-/// Without `close` (a test, an error path): what is acknowledged is in the
-/// journal already; only the threads are stopped, no checkpoint taken.
-impl Drop for Store {
-    fn drop(&mut self) {
-        self.stop_threads();
-    }
-}
-
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .expect("spawning a store thread")
-}
-
-fn checkpoint_loop(core: &Core, stop: &(Mutex<bool>, Condvar)) {
-    let (stopped, wake) = stop;
-    loop {
-        let guard = stopped.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = wake
-            .wait_timeout_while(guard, CHECKPOINT_EVERY, |s| !*s)
-            .unwrap_or_else(|p| p.into_inner());
-        if *guard || core.fatal.failed().is_some() {
-            return;
-        }
-        drop(guard);
-        if let Err(e) = core.checkpoint() {
-            // A flush, an fsync or a segment's deletion failed: as fatal as
-            // any failed fsync (SPEC §6).
-            core.fatal.fail(format!("checkpoint failed: {e}"));
-            return;
+    /// Lanes with queued requests.
+    pub async fn pending_lanes(&self) -> Result<Vec<LaneKey>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.pending_lanes(),
+            Backend::Pg(s) => s.pending_lanes().await,
         }
     }
-}
 
-/// Creates `dir` (and missing parents) and makes each new entry durable by
-/// fsyncing the directory that holds it: a power cut must not lose a
-/// directory whose files were acknowledged.
-pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
-    let mut missing = Vec::new();
-    let mut at = Some(dir);
-    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        missing.push(d);
-        at = d.parent();
-    }
-    std::fs::create_dir_all(dir)?;
-    for d in missing.iter().rev() {
-        let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
-        File::open(parent.unwrap_or(Path::new(".")))?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn classify_open_error(e: sled::Error, path: &Path) -> StoreError {
-    match &e {
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-            StoreError::Locked(path.to_path_buf())
+    /// Requests queued in `lane`.
+    pub async fn pending_in_lane(&self, lane: &LaneKey) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.pending_in_lane(lane),
+            Backend::Pg(s) => s.pending_in_lane(*lane).await,
         }
-        sled::Error::Io(io) if io.to_string().contains("lock") => {
-            StoreError::Locked(path.to_path_buf())
+    }
+
+    /// Requests in a status, oldest first for `started` and `unknown` (by
+    /// id for the others), after `after` (paging).
+    pub async fn list(
+        &self,
+        status: Status,
+        after: Option<&RequestId>,
+        limit: usize,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.list(status, after, limit),
+            Backend::Pg(s) => s.list(status, after.copied(), limit).await,
         }
-        _ => StoreError::Sled(e),
+    }
+
+    /// How many requests are in each status.
+    pub async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.counts(),
+            Backend::Pg(s) => s.counts().await,
+        }
+    }
+
+    /// When the earliest pending callback is due.
+    pub async fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.next_callback_due(),
+            Backend::Pg(s) => s.next_callback_due().await,
+        }
+    }
+
+    /// Callback events due by `now_ms`: (due at, id, the event).
+    pub async fn due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.due_callbacks(now_ms, limit),
+            Backend::Pg(s) => s.due_callbacks(now_ms, limit).await,
+        }
+    }
+
+    /// The request an `Idempotency-Key` of `lane` names, if it still
+    /// exists: `Ok` if it asked for the same, `IdempotencyReused` if not.
+    /// A look before the submission's own check (which decides).
+    pub async fn idempotent(
+        &self,
+        lane: &LaneKey,
+        idem: &Idempotency,
+    ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.idempotent(lane, idem),
+            Backend::Pg(s) => s.idempotent(*lane, *idem).await,
+        }
+    }
+
+    /// Requests before `rec` in its lane (SPEC §10 `ahead`).
+    pub async fn ahead(&self, rec: &RequestRecord) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.ahead(rec),
+            Backend::Pg(s) => s.ahead(rec.lane, rec.seq).await,
+        }
+    }
+
+    /// When the earliest retention ends.
+    pub async fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.next_expiry(),
+            Backend::Pg(s) => s.next_expiry().await,
+        }
     }
 }
 
-fn load_or_make_salt(db: &sled::Db) -> Result<[u8; 32], StoreError> {
-    if let Some(v) = db.get("salt")? {
-        return <[u8; 32]>::try_from(v.as_ref())
-            .map_err(|_| StoreError::Codec("salt has the wrong length".into()));
+/// The changes: each returns once it is durable, or refused.
+impl Store {
+    /// Stores a new request at the tail of its lane. `LaneFull` when its
+    /// lane already holds `NewRequest::max_pending` requests, `NoSpace`
+    /// when the disk cannot take it: refused alone.
+    pub async fn submit(&self, new: NewRequest) -> Result<Submitted, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.submit(new).await,
+            Backend::Pg(s) => s.submit(new).await,
+        }
     }
-    let mut salt = [0u8; 32];
-    getrandom::getrandom(&mut salt)
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-    db.insert("salt", &salt[..])?;
-    db.flush()?;
-    Ok(salt)
-}
 
-#[cfg(test)]
-mod tests;
+    /// Claims the heads of `lanes`; a lane named k times gives its first k
+    /// queued requests. One `Claim` per slot, in order: send a `Got` at
+    /// once.
+    pub async fn claim_batch(
+        &self,
+        lanes: &[LaneKey],
+        now_ms: u64,
+    ) -> Result<Vec<Claim>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.claim_batch(lanes, now_ms).await,
+            Backend::Pg(s) => s.claim_batch(lanes, now_ms).await,
+        }
+    }
+
+    /// Settles one attempt; false if its claim was stale (nothing changed).
+    pub async fn settle(&self, op: Settle) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.settle(op).await,
+            Backend::Pg(s) => s.settle(op).await,
+        }
+    }
+
+    /// Start-up recovery (SPEC §6): what was `started` goes back to its
+    /// lane (idempotent methods) or becomes `unknown`.
+    pub async fn recover(
+        &self,
+        now_ms: u64,
+        unknown_keep_ms: u64,
+    ) -> Result<Recovered, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.recover(now_ms, unknown_keep_ms).await,
+            Backend::Pg(s) => s.recover(now_ms, unknown_keep_ms).await,
+        }
+    }
+
+    /// An operator's requeue of an `unknown` request: back to the tail of
+    /// its lane, retention cleared. `None` for any other status.
+    pub async fn requeue_unknown(
+        &self,
+        id: &RequestId,
+    ) -> Result<Option<RequestRecord>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.requeue_unknown(id).await,
+            Backend::Pg(s) => s.requeue_unknown(*id).await,
+        }
+    }
+
+    /// Deletes a `done` or `unknown` request and everything stored for it;
+    /// false (nothing changed) for any other status.
+    pub async fn delete(&self, id: &RequestId) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.delete(id).await,
+            Backend::Pg(s) => s.delete(*id).await,
+        }
+    }
+
+    /// The owner's cancel (SPEC §10): an `enqueued` request is removed and
+    /// never sent, a `done` or `unknown` one deleted; false if there is
+    /// none; `InFlight` for a `started` one.
+    pub async fn cancel(&self, id: &RequestId) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.cancel(id).await,
+            Backend::Pg(s) => s.cancel(*id).await,
+        }
+    }
+
+    /// Deletes up to `limit` requests whose retention ended by `now_ms`;
+    /// returns how many went (0: nothing is due).
+    pub async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.expire(now_ms, limit).await,
+            Backend::Pg(s) => s.expire(now_ms, limit).await,
+        }
+    }
+
+    /// The callback was answered 2xx (`code`), or is moot (`None`: its
+    /// request is gone).
+    pub async fn callback_finished(
+        &self,
+        due_ms: u64,
+        id: &RequestId,
+        code: Option<u16>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.callback_finished(due_ms, id, code).await,
+            Backend::Pg(s) => s.callback_finished(due_ms, *id, code).await,
+        }
+    }
+
+    /// Moves a failed callback to its next due time; `code`: what the
+    /// receiver answered, if it answered.
+    pub async fn callback_retry(
+        &self,
+        due_ms: u64,
+        id: &RequestId,
+        next_ms: u64,
+        code: Option<u16>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.callback_retry(due_ms, id, next_ms, code).await,
+            Backend::Pg(s) => s.callback_retry(due_ms, *id, next_ms, code).await,
+        }
+    }
+
+    /// The request's retention ended before any receiver took its callback.
+    pub async fn callback_gave_up(
+        &self,
+        due_ms: u64,
+        id: &RequestId,
+        last: Option<Option<u16>>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.callback_gave_up(due_ms, id, last).await,
+            Backend::Pg(s) => s.callback_gave_up(due_ms, *id, last).await,
+        }
+    }
+}

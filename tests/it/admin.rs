@@ -198,6 +198,7 @@ async fn credentials_never_reach_the_disk_in_plain_text() {
     app.wait_for_status(&id, Some(secret), "started", SECS(10))
         .await;
     assert_absent(app.data_dir.path(), secret.as_bytes(), "while started");
+    assert_not_in_database(&app, secret, "while started");
     app.wait_for_status(&id, Some(secret), "done", SECS(10))
         .await;
     assert_eq!(
@@ -205,9 +206,28 @@ async fn credentials_never_reach_the_disk_in_plain_text() {
         Some(secret),
         "unsealed for the upstream"
     );
+    assert_not_in_database(&app, secret, "once done");
     let dir = app.data_dir.path().to_path_buf();
     app.stop().await;
     assert_absent(&dir, secret.as_bytes(), "after done and a clean stop");
+}
+
+/// On PostgreSQL: neither the secret nor its hex (bytea's text form) is in
+/// the database.
+fn assert_not_in_database(app: &TestApp, secret: &str, when: &str) {
+    let Some(dump) = crate::backend::database_dump(&app.data_dir.path().join("data")) else {
+        return;
+    };
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    assert!(dump.contains("COPY public.requests"), "a dump of the store");
+    assert!(
+        !dump.contains(secret),
+        "the credential in the database {when}"
+    );
+    assert!(
+        !dump.contains(&hex),
+        "the credential (hex) in the database {when}"
+    );
 }
 
 #[test]
@@ -239,6 +259,7 @@ fn a_missing_key_file_with_sealed_credentials_stops_the_start() {
         ])
         .arg("--data-dir")
         .arg(&args.gateway.data_dir)
+        .args(crate::backend::store_flags(&args.gateway.data_dir))
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -270,6 +270,7 @@ pub fn parse_args(
     .collect();
     argv.push("--data-dir".into());
     argv.push(data_dir.join("data").display().to_string());
+    argv.extend(crate::backend::store_flags(&data_dir.join("data")));
     argv.extend(
         ["--workers", "2", "--shutdown-timeout", "5s"]
             .iter()

@@ -86,6 +86,9 @@ pub struct Mount {
 
 /// Mounts lazyfs, or says why not: `None` means skip (outside CI).
 pub fn mount_or_skip(test: &str, strict: bool) -> Option<Mount> {
+    if crate::backend::embedded_only(&format!("{test}: the embedded store's files on lazyfs")) {
+        return None;
+    }
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let ready = prerequisites().and_then(|()| lazyfs_bin());
     match ready {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod admin_cli;
+mod backend;
 mod callback;
 mod callback_events;
 mod callback_guard;
@@ -23,6 +24,7 @@ mod operable;
 mod ops;
 mod pacing;
 mod packaging;
+mod postgres;
 mod powercut;
 mod process;
 mod retention;

@@ -248,16 +248,18 @@ async fn zero_past_and_unparseable_retry_after_never_make_a_hot_loop() {
             "{}: {tries} tries",
             String::from_utf8_lossy(value)
         );
-        assert_eq!(
-            app.status(&id, Some("Bearer a")).await.json()["status"],
-            "enqueued"
-        );
+        // Waiting, or in its next try (never done, never unknown).
+        let s = app.status(&id, Some("Bearer a")).await.json();
+        assert!(s["status"] == "enqueued" || s["status"] == "started", "{s}");
         app.stop().await;
     }
 }
 
 #[actix_web::test]
 async fn a_body_that_cannot_be_read_keeps_the_request_enqueued_never_unknown() {
+    if crate::backend::embedded_only("empties the journal's files under a stopped gateway") {
+        return;
+    }
     let up = Fake::start().await;
     let dir = tempfile::tempdir().unwrap();
     // Queued while the gateway runs against nothing...

@@ -44,6 +44,7 @@ fn help_documents_every_flag_with_its_environment_variable() {
         "upstream",
         "listen",
         "data-dir",
+        "store",
         "credential-key-file",
         "retention",
         "unknown-retention",

@@ -37,6 +37,7 @@ impl Proc {
             ])
             .arg("--data-dir")
             .arg(data)
+            .args(crate::backend::store_flags(data))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -183,6 +184,10 @@ async fn calls_still_running_at_the_shutdown_deadline_are_recovered_on_start() {
 
 #[actix_web::test]
 async fn a_data_dir_in_use_stops_a_second_gateway() {
+    // PostgreSQL's counterpart: postgres::a_second_gateway_on_one_database_is_refused.
+    if crate::backend::embedded_only("the data dir's lock") {
+        return;
+    }
     let up = Fake::start().await;
     let (_dir, data, log) = data_and_log();
     let p = Proc::start(&up.url(), &data, &log, &[]).await;

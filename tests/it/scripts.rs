@@ -477,9 +477,6 @@ async fn attempts_and_the_pause_say_why_a_request_waits() {
         .submit_as("GET", "/async_api/v2/limited.json", OWNER)
         .await;
     up.wait_for(1, SECS(5)).await;
-    let second = app
-        .submit_as("GET", "/async_api/v2/behind.json", OWNER)
-        .await;
     let deadline = Instant::now() + SECS(5);
     let v = loop {
         let v = app.status(&first, AUTH).await.json();
@@ -489,6 +486,10 @@ async fn attempts_and_the_pause_say_why_a_request_waits() {
         assert!(Instant::now() < deadline, "never shown paused: {v}");
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     };
+    // Behind it in the paused lane: never sent.
+    let second = app
+        .submit_as("GET", "/async_api/v2/behind.json", OWNER)
+        .await;
     assert_eq!(v["status"], "enqueued");
     assert_eq!(v["attempts"], 1, "the refused send counts: {v}");
     assert_eq!(v["paused_until"].as_str().unwrap().len(), 19, "{v}");

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalTree};
 
 use super::keys;
-use super::{Claim, StoreError, codec};
+use super::{CallbackEntry, Claim, StoreError, codec};
 use crate::model::{
     BodyRef, CallbackPhase, CallbackState, Idempotency, LaneKey, Outcome, RequestId, RequestRecord,
     ResponseRefs, Status,
@@ -40,17 +40,6 @@ pub(super) const TREES: [&str; 8] = [
     "meta",
     "idempotency",
 ];
-
-/// A pending callback event (the `callbacks` tree's value).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallbackEntry {
-    /// Which event of the request (`webhook-id` `{id}_{event}`).
-    pub event: u32,
-    /// What it announces: `done` or `unknown`.
-    pub status: Status,
-    /// Deliveries tried so far.
-    pub attempts: u32,
-}
 
 /// The statuses with an index entry (`BY_STATUS`): few, and listed often.
 pub(super) fn indexed(status: Status) -> bool {

@@ -8,79 +8,8 @@ use tokio::sync::oneshot;
 
 use super::change::{Applied, Change};
 use super::writer::{Op, WithBlobs};
-use super::{Claim, Store, StoreError, codec};
-use crate::model::{
-    Callback, Header, Idempotency, LaneKey, Outcome, RequestId, RequestRecord, ResponseHead, Status,
-};
-
-/// What the HTTP layer hands over for a new request.
-pub struct NewRequest {
-    pub id: RequestId,
-    pub lane: LaneKey,
-    pub method: String,
-    pub target: String,
-    pub headers: Vec<Header>,
-    pub body: Vec<u8>,
-    pub callback: Option<Callback>,
-    pub sealed_credential: Vec<u8>,
-    pub now_ms: u64,
-    /// `--max-pending-per-credential`: refuse it if its lane already holds
-    /// this many `enqueued` requests.
-    pub max_pending: Option<u64>,
-    /// Its `Idempotency-Key`, hashed, with what it asks for.
-    pub idempotency: Option<Idempotency>,
-}
-
-/// What a submission came to.
-#[derive(Debug)]
-pub enum Submitted {
-    /// Stored, durably.
-    New(RequestRecord),
-    /// Its `Idempotency-Key` named this request already: nothing stored.
-    Again(RequestRecord),
-}
-
-/// An upstream answer to store.
-pub struct Completion {
-    pub sent_ms: u64,
-    pub outcome: Outcome,
-    pub head: ResponseHead,
-    /// Empty when the body was too large to keep.
-    pub body: Vec<u8>,
-}
-
-/// One attempt's end.
-pub enum Settle {
-    /// Refused (429) or never sent: back to its place in its lane.
-    /// `sent`: the attempt may have written bytes (counted in `attempts`).
-    Requeue {
-        id: RequestId,
-        claims: u32,
-        sent: bool,
-    },
-    /// Answered: `done`, the response kept, the credential deleted, the
-    /// callback scheduled.
-    Complete {
-        id: RequestId,
-        claims: u32,
-        done: Completion,
-        now_ms: u64,
-        retention_ms: u64,
-    },
-    /// A non-idempotent request that may have run waits for an operator.
-    Unknown {
-        id: RequestId,
-        claims: u32,
-        now_ms: u64,
-        keep_ms: u64,
-    },
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Recovered {
-    pub requeued: usize,
-    pub unknown: usize,
-}
+use super::{Claim, NewRequest, Recovered, Settle, SledStore, StoreError, Submitted, codec};
+use crate::model::{LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
 type Answer = oneshot::Receiver<Result<Vec<Applied>, StoreError>>;
 
@@ -207,7 +136,7 @@ impl NewRequest {
     }
 }
 
-impl Store {
+impl SledStore {
     fn send(&self, op: Op) -> Answer {
         self.writer.send(op)
     }
@@ -356,9 +285,24 @@ impl Store {
         Ok(changed(one(self.change(Change::Cancel { id: *id })).await?))
     }
 
+    /// Deletes up to `limit` requests whose retention ended by `now_ms`
+    /// (a time-ordered run of the expiry index, one change); returns how
+    /// many entries it took (`limit`: there may be more).
+    pub async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let due = self.expired(now_ms, limit)?;
+        let n = due.len();
+        if n > 0
+            && let Applied::Expired(gone) = one(self.change(Change::Expire { now_ms, due })).await?
+        {
+            log::debug!("retention: {gone} of {n} due requests deleted");
+        }
+        Ok(n)
+    }
+
     /// Deletes the requests of `due` (expiry entries) whose retention
     /// ended by `now_ms`, in one change, and drops the entries. Returns how
     /// many requests went. Blocks (the sweeper's thread).
+    #[cfg(test)]
     pub fn expire_blocking(
         &self,
         now_ms: u64,

@@ -1,15 +1,17 @@
 use super::change::RECORDS;
 use super::*;
+use crate::model::RequestRecord;
 use crate::model::{Callback, CallbackMethod, Outcome};
 use crate::model::{LaneKey, RequestId, ResponseHead, Status};
+use crate::store::Completion;
 
 /// Opens `dir`; a reopen waits (up to 5 s) for sled to release the data
 /// dir's lock, which sled 0.34 does some moments after the last handle of
 /// the previous open is dropped (spacejam/sled#1234).
-fn open(dir: &Path) -> Store {
+fn open(dir: &Path) -> SledStore {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match Store::open(&StoreConfig {
+        match SledStore::open(&SledConfig {
             path: dir.to_path_buf(),
             cache_capacity: 8 << 20,
         }) {
@@ -68,15 +70,15 @@ fn block<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-fn enqueue(s: &Store, new: NewRequest) -> Result<RequestRecord, StoreError> {
+fn enqueue(s: &SledStore, new: NewRequest) -> Result<RequestRecord, StoreError> {
     s.submit_blocking(new)
 }
 
-fn claim(s: &Store, lane: &LaneKey, now: u64) -> Option<RequestRecord> {
+fn claim(s: &SledStore, lane: &LaneKey, now: u64) -> Option<RequestRecord> {
     s.claim_next_blocking(lane, now).unwrap()
 }
 
-fn requeue(s: &Store, id: &RequestId, claims: u32) -> bool {
+fn requeue(s: &SledStore, id: &RequestId, claims: u32) -> bool {
     s.settle_blocking(Settle::Requeue {
         id: *id,
         claims,
@@ -86,7 +88,7 @@ fn requeue(s: &Store, id: &RequestId, claims: u32) -> bool {
 }
 
 fn complete(
-    s: &Store,
+    s: &SledStore,
     id: &RequestId,
     claims: u32,
     done: Completion,
@@ -103,7 +105,7 @@ fn complete(
     .unwrap()
 }
 
-fn mark_unknown(s: &Store, id: &RequestId, claims: u32, now_ms: u64, keep_ms: u64) -> bool {
+fn mark_unknown(s: &SledStore, id: &RequestId, claims: u32, now_ms: u64, keep_ms: u64) -> bool {
     s.settle_blocking(Settle::Unknown {
         id: *id,
         claims,
@@ -121,7 +123,7 @@ fn entry(event: u32, attempts: u32) -> CallbackEntry {
     }
 }
 
-fn count(s: &Store, status: Status) -> u64 {
+fn count(s: &SledStore, status: Status) -> u64 {
     s.counts()
         .unwrap()
         .into_iter()
@@ -285,7 +287,10 @@ fn expired_requests_are_deleted_with_everything_they_own() {
     };
     s.core.checkpoint().unwrap();
     assert_eq!(journal(), 2, "the old segment still holds the response");
-    assert_eq!(crate::sweeper::sweep(&s, 110, 10).unwrap(), 1);
+    assert_eq!(
+        s.expire_blocking(110, s.expired(110, 10).unwrap()).unwrap(),
+        1
+    );
     assert!(s.get(&rec.id).unwrap().is_none());
     assert!(s.response(&rec.id).unwrap().is_none());
     s.core.checkpoint().unwrap();
@@ -340,7 +345,7 @@ fn callbacks_move_to_their_next_due_time() {
 fn a_second_open_of_the_same_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _s = open(dir.path());
-    let second = Store::open(&StoreConfig {
+    let second = SledStore::open(&SledConfig {
         path: dir.path().to_path_buf(),
         cache_capacity: 1 << 20,
     });
@@ -617,7 +622,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn a_data_dir_of_the_old_format_is_refused_with_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("bodies")).unwrap();
-    let err = Store::open(&StoreConfig {
+    let err = SledStore::open(&SledConfig {
         path: dir.path().to_path_buf(),
         cache_capacity: 1 << 20,
     })

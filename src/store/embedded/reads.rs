@@ -6,10 +6,10 @@ use sled::IVec;
 
 use super::CallbackEntry;
 use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, IDEMPOTENCY, LANES, RECORDS};
-use super::{Store, StoreError, codec, keys};
+use super::{SledStore, StoreError, codec, keys};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
-impl Store {
+impl SledStore {
     pub fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
         match self.tree(RECORDS).get(id.as_bytes())? {
             Some(v) => Ok(Some(codec::decode(&v)?)),

@@ -280,7 +280,7 @@ impl super::Core {
         }
         match self.apply_round(&placed, end) {
             Ok(results) => {
-                self.wake(
+                self.waiters.wake(
                     placed
                         .iter()
                         .flat_map(|(f, _)| f.entries.changes.iter())

@@ -1,0 +1,226 @@
+//! The PostgreSQL store (`--store postgres://...`, SPEC §12): every piece of
+//! state in one database, each operation one transaction, committed
+//! (`synchronous_commit` on, the server's default) before it returns.
+//!
+//! - `requests`: a row per request, its body and response in their own
+//!   columns; what never changes (method, target, headers, callback) is one
+//!   encoded value, what the store decides on (status, lane, seq, claims,
+//!   retention) are columns with partial indexes: the lane queues
+//!   (`status = 0`, by `lane, seq`), the open ones (`started`, `unknown`),
+//!   retention, and the `Idempotency-Key`s (unique per lane).
+//! - `lanes`: a row per credential lane, locked by a capped submission.
+//! - `callbacks`: pending callback events, by due time.
+//!
+//! Claims take a lane's head with `FOR UPDATE SKIP LOCKED` and commit
+//! before anything is sent; a settle names its claim (`claims`), so a stale
+//! one changes nothing. Its own small runtime drives the connections, so
+//! the HTTP workers, the dispatcher and the sweeper's thread all use it
+//! alike; a held long-poll holds no connection (waiters are in memory).
+//!
+//! Until nodes keep heartbeats (several nodes on one database), one gateway
+//! holds the database: a second is refused at start, as a second gateway on
+//! one data dir is.
+
+mod ops;
+mod reads;
+mod row;
+mod schema;
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use deadpool_postgres::{Pool, PoolError, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::StoreError;
+use super::fatal::Fatal;
+use super::waiters::Waiters;
+
+/// Connections to the database. A submission holds one for its
+/// transaction only (a few round trips and a commit), so a few serve many
+/// HTTP connections; more only queue on the database's own locks.
+const POOL_SIZE: usize = 16;
+
+/// The longest wait for a pooled connection (or a new one): past it the
+/// operation fails (a 503 to a submission) rather than hang.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Held, on a connection of its own, by the one gateway using the database.
+const SINGLE_NODE_LOCK: i64 = 0x6173_796e_6367_0002;
+
+pub struct PgConfig {
+    /// `postgres://user:password@host:port/database` (libpq's URL form).
+    pub url: String,
+}
+
+pub struct PgStore {
+    pool: Pool,
+    handle: tokio::runtime::Handle,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    /// The connection that holds `SINGLE_NODE_LOCK` (closed with the store).
+    _holder: tokio_postgres::Client,
+    salt: [u8; 32],
+    fatal: Fatal,
+    waiters: Waiters,
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        if e.code() == Some(&SqlState::DISK_FULL) {
+            return StoreError::NoSpace;
+        }
+        StoreError::Postgres(e.to_string())
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(e: PoolError) -> StoreError {
+        match e {
+            PoolError::Backend(e) => e.into(),
+            other => StoreError::Unavailable(format!("no database connection: {other}")),
+        }
+    }
+}
+
+impl PgStore {
+    pub async fn open(config: PgConfig) -> Result<PgStore, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("asyncgate-db")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let url = config.url.clone();
+        let opened = handle.spawn(async move {
+            let mut pg: tokio_postgres::Config = url
+                .parse()
+                .map_err(|e| StoreError::Format(format!("--store: {e}")))?;
+            // A 202 waits for a durable commit, whatever the server's or
+            // the role's default says.
+            let options = match pg.get_options() {
+                Some(o) => format!("{o} -c synchronous_commit=on"),
+                None => "-c synchronous_commit=on".to_string(),
+            };
+            pg.options(&options);
+            let (holder, connection) = pg.connect(NoTls).await.map_err(|e| {
+                StoreError::Unavailable(format!("cannot connect to the database: {e}"))
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    log::error!("the database connection holding this node's lock closed: {e}");
+                }
+            });
+            let locked: bool = holder
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&SINGLE_NODE_LOCK])
+                .await?
+                .get(0);
+            if !locked {
+                return Err(StoreError::Format(
+                    "the database is in use by another running gateway".into(),
+                ));
+            }
+            let manager = deadpool_postgres::Manager::from_config(
+                pg,
+                NoTls,
+                deadpool_postgres::ManagerConfig {
+                    recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .wait_timeout(Some(CONNECT_TIMEOUT))
+                .create_timeout(Some(CONNECT_TIMEOUT))
+                .recycle_timeout(Some(CONNECT_TIMEOUT))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| StoreError::Format(format!("--store: {e}")))?;
+            let mut client = pool.get().await?;
+            schema::migrate(&mut client).await?;
+            let salt = schema::salt(&client).await?;
+            Ok::<_, StoreError>((holder, pool, salt))
+        });
+        let opened = match opened.await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        };
+        let (holder, pool, salt) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                // Not dropped: that blocks, and this is an async context.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
+        Ok(PgStore {
+            pool,
+            handle,
+            runtime: Mutex::new(Some(runtime)),
+            _holder: holder,
+            salt,
+            fatal: Fatal::default(),
+            waiters: Waiters::default(),
+        })
+    }
+
+    pub fn salt(&self) -> &[u8; 32] {
+        &self.salt
+    }
+
+    /// Nothing here is fatal: every failure is the database's answer to
+    /// one transaction, and the next may succeed (a 503 meanwhile).
+    pub fn fatal(&self) -> &Fatal {
+        &self.fatal
+    }
+
+    /// Whether the database answers now (`/healthz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| async move {
+            c.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) fn waiters(&self) -> &Waiters {
+        &self.waiters
+    }
+
+    /// Every change is committed when it returns: closing only lets the
+    /// connections go.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.pool.close();
+        Ok(())
+    }
+
+    /// Runs `f` with a pooled connection on the store's runtime.
+    async fn with<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        let pool = self.pool.clone();
+        let task = self.handle.spawn(async move { f(pool.get().await?).await });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "a database task failed: {e}"
+            ))),
+        }
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // Not `drop`: that blocks, and the store may go inside a runtime.
+        if let Some(rt) = runtime {
+            rt.shutdown_background();
+        }
+    }
+}

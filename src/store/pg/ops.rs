@@ -1,0 +1,580 @@
+//! The PostgreSQL store's changes: one transaction each, committed before
+//! it returns; the waiters of what one finished are woken after it.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Transaction;
+use tokio_postgres::error::SqlState;
+
+use super::row::{self, COLS, Fixed, big, small};
+use super::{PgStore, StoreError};
+use crate::model::{
+    CallbackPhase, CallbackState, LaneKey, RequestId, RequestRecord, ResponseHead, Status,
+};
+use crate::store::{CallbackEntry, Claim, NewRequest, Recovered, Settle, Submitted, codec};
+
+/// Attempts of a submission that met a concurrent one with its key.
+const KEY_RACES: usize = 3;
+
+impl PgStore {
+    /// Stores a new request at its lane's tail. Its `Idempotency-Key` is
+    /// unique per lane in the schema: of two concurrent submissions with
+    /// one key, the second waits for the first and answers with it.
+    pub async fn submit(&self, new: NewRequest) -> Result<Submitted, StoreError> {
+        if new.sealed_credential.len() > super::super::MAX_VALUE {
+            return Err(StoreError::TooLarge(new.sealed_credential.len()));
+        }
+        let fixed = codec::encode(&Fixed {
+            method: new.method.clone(),
+            target: new.target.clone(),
+            headers: new.headers.clone(),
+            callback: new.callback.clone(),
+            idempotency: new.idempotency,
+        })?;
+        if fixed.len() + new.sealed_credential.len() > super::super::MAX_VALUE {
+            return Err(StoreError::TooLarge(
+                fixed.len() + new.sealed_credential.len(),
+            ));
+        }
+        self.with(move |mut c| async move {
+            for _ in 0..KEY_RACES {
+                let tx = c.transaction().await?;
+                match insert(&tx, &new, &fixed).await {
+                    Ok(Ok(done)) => {
+                        tx.commit().await?;
+                        return Ok(done);
+                    }
+                    Ok(Err(refused)) => return Err(refused),
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(StoreError::Unavailable(
+                "the Idempotency-Key was contended too long".into(),
+            ))
+        })
+        .await
+    }
+
+    /// The heads of `lanes` (a lane named k times: its first k), each
+    /// `started` with its claim count raised, in one committed statement.
+    pub async fn claim_batch(
+        &self,
+        lanes: &[LaneKey],
+        now_ms: u64,
+    ) -> Result<Vec<Claim>, StoreError> {
+        let mut wanted: Vec<(LaneKey, i32)> = Vec::new();
+        for lane in lanes {
+            match wanted.iter_mut().find(|(l, _)| l == lane) {
+                Some((_, k)) => *k += 1,
+                None => wanted.push((*lane, 1)),
+            }
+        }
+        let names: Vec<Vec<u8>> = wanted.iter().map(|(l, _)| l.to_vec()).collect();
+        let counts: Vec<i32> = wanted.iter().map(|(_, k)| *k).collect();
+        let got = self
+            .with(move |c| async move {
+                let sql = format!(
+                    "WITH want AS (SELECT * FROM unnest($1::bytea[], $2::int[]) AS w(lane, k)),
+                     picked AS (
+                        SELECT q.id FROM want CROSS JOIN LATERAL (
+                            SELECT id FROM requests r
+                            WHERE r.lane = want.lane AND r.status = 0
+                            ORDER BY r.seq LIMIT want.k
+                            FOR UPDATE SKIP LOCKED) q)
+                     UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3
+                     FROM picked WHERE requests.id = picked.id
+                     RETURNING {}",
+                    qualified("requests")
+                );
+                let rows = c.query(&sql, &[&names, &counts, &big(now_ms)]).await?;
+                rows.iter().map(row::record).collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
+        for rec in got {
+            by_lane.entry(rec.lane).or_default().push(rec);
+        }
+        for recs in by_lane.values_mut() {
+            recs.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        }
+        Ok(lanes
+            .iter()
+            .map(|lane| match by_lane.get_mut(lane).and_then(Vec::pop) {
+                Some(rec) => Claim::Got(Box::new(rec)),
+                None => Claim::Empty,
+            })
+            .collect())
+    }
+
+    /// Settles one attempt; false if its claim was stale.
+    pub async fn settle(&self, op: Settle) -> Result<bool, StoreError> {
+        let id = settled_id(&op);
+        let changed = self
+            .with(move |mut c| async move {
+                let tx = c.transaction().await?;
+                let changed = settle_in(&tx, op).await?;
+                tx.commit().await?;
+                Ok(changed)
+            })
+            .await?;
+        if changed {
+            self.waiters.wake([id]);
+        }
+        Ok(changed)
+    }
+
+    /// Start-up recovery: every `started` request, in one transaction.
+    pub async fn recover(
+        &self,
+        now_ms: u64,
+        unknown_keep_ms: u64,
+    ) -> Result<Recovered, StoreError> {
+        self.with(move |mut c| async move {
+            let tx = c.transaction().await?;
+            let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 FOR UPDATE");
+            let mut report = Recovered::default();
+            for r in tx.query(&sql, &[]).await? {
+                let rec = row::record(&r)?;
+                let (id, claims) = (rec.id, rec.claims);
+                let op = if crate::model::is_idempotent(&rec.method) {
+                    report.requeued += 1;
+                    Settle::Requeue {
+                        id,
+                        claims,
+                        sent: true,
+                    }
+                } else {
+                    report.unknown += 1;
+                    Settle::Unknown {
+                        id,
+                        claims,
+                        now_ms,
+                        keep_ms: unknown_keep_ms,
+                    }
+                };
+                settle_in(&tx, op).await?;
+            }
+            tx.commit().await?;
+            Ok(report)
+        })
+        .await
+    }
+
+    /// An operator's requeue of an `unknown` request, to its lane's tail.
+    pub async fn requeue_unknown(
+        &self,
+        id: RequestId,
+    ) -> Result<Option<RequestRecord>, StoreError> {
+        self.with(move |c| async move {
+            let sql = format!(
+                "UPDATE requests SET status = 0, seq = nextval('request_seq'),
+                    started_ms = NULL, finished_ms = NULL, expires_ms = NULL
+                 WHERE id = $1 AND status = 3 RETURNING {COLS}"
+            );
+            c.query_opt(&sql, &[&&id.0[..]])
+                .await?
+                .as_ref()
+                .map(row::record)
+                .transpose()
+        })
+        .await
+    }
+
+    /// Deletes a `done` or `unknown` request.
+    pub async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
+        let n = self
+            .with(move |c| async move {
+                let sql = "DELETE FROM requests WHERE id = $1 AND status IN (2, 3)";
+                Ok(c.execute(sql, &[&&id.0[..]]).await?)
+            })
+            .await?;
+        self.woken(id, n > 0)
+    }
+
+    /// The owner's cancel. A claim holds the row it takes until it
+    /// commits, so a cancel either removes a request no claim has (never
+    /// sent then) or finds it `started` (`InFlight`).
+    pub async fn cancel(&self, id: RequestId) -> Result<bool, StoreError> {
+        let gone = self
+            .with(move |mut c| async move {
+                let tx = c.transaction().await?;
+                let sql = "SELECT status FROM requests WHERE id = $1 FOR UPDATE";
+                let Some(r) = tx.query_opt(sql, &[&&id.0[..]]).await? else {
+                    return Ok(false);
+                };
+                if row::status(r.try_get(0)?)? == Status::Started {
+                    return Err(StoreError::InFlight);
+                }
+                tx.execute("DELETE FROM requests WHERE id = $1", &[&&id.0[..]])
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+            .await?;
+        self.woken(id, gone)
+    }
+
+    fn woken(&self, id: RequestId, changed: bool) -> Result<bool, StoreError> {
+        if changed {
+            self.waiters.wake([id]);
+        }
+        Ok(changed)
+    }
+
+    /// Deletes up to `limit` requests past retention, oldest first; rows
+    /// another node is deleting are skipped, not waited for.
+    pub async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let ids = self
+            .with(move |c| async move {
+                let sql = "DELETE FROM requests WHERE id IN (
+                        SELECT id FROM requests
+                        WHERE expires_ms <= $1 AND status IN (2, 3)
+                        ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
+                    RETURNING id";
+                c.query(sql, &[&big(now_ms), &big(limit as u64)])
+                    .await?
+                    .iter()
+                    .map(|r| row::id(r.try_get(0)?))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let n = ids.len();
+        self.waiters.wake(ids);
+        Ok(n)
+    }
+
+    pub async fn callback_finished(
+        &self,
+        due_ms: u64,
+        id: RequestId,
+        code: Option<u16>,
+    ) -> Result<(), StoreError> {
+        self.callback_change(due_ms, id, None, move |_, st| {
+            st.attempts += 1;
+            st.last_http_code = code;
+            st.next_attempt_ms = None;
+            if code.is_some() {
+                st.phase = CallbackPhase::Delivered;
+            }
+        })
+        .await
+    }
+
+    pub async fn callback_retry(
+        &self,
+        due_ms: u64,
+        id: RequestId,
+        next_ms: u64,
+        code: Option<u16>,
+    ) -> Result<(), StoreError> {
+        self.callback_change(due_ms, id, Some(next_ms), move |entry, st| {
+            st.attempts = entry.attempts + 1;
+            st.last_http_code = code;
+            st.next_attempt_ms = Some(next_ms);
+        })
+        .await
+    }
+
+    pub async fn callback_gave_up(
+        &self,
+        due_ms: u64,
+        id: RequestId,
+        last: Option<Option<u16>>,
+    ) -> Result<(), StoreError> {
+        self.callback_change(due_ms, id, None, move |entry, st| {
+            st.phase = CallbackPhase::GaveUp;
+            st.next_attempt_ms = None;
+            if let Some(code) = last {
+                st.attempts = entry.attempts + 1;
+                st.last_http_code = code;
+            }
+        })
+        .await
+    }
+
+    /// Takes the callback entry `(due_ms, id)` out (or moves it to
+    /// `next_ms`, one attempt more), and updates the record's view of its
+    /// callback if the entry is its latest event.
+    async fn callback_change(
+        &self,
+        due_ms: u64,
+        id: RequestId,
+        next_ms: Option<u64>,
+        f: impl FnOnce(CallbackEntry, &mut CallbackState) + Send + 'static,
+    ) -> Result<(), StoreError> {
+        self.with(move |mut c| async move {
+            let tx = c.transaction().await?;
+            let taken = tx
+                .query_opt(
+                    "DELETE FROM callbacks WHERE due_ms = $1 AND id = $2
+                     RETURNING event, status, attempts",
+                    &[&big(due_ms), &&id.0[..]],
+                )
+                .await?;
+            let Some(r) = taken else {
+                return Ok(());
+            };
+            let entry = CallbackEntry {
+                event: r.try_get::<_, i32>(0)?.max(0) as u32,
+                status: row::status(r.try_get(1)?)?,
+                attempts: r.try_get::<_, i32>(2)?.max(0) as u32,
+            };
+            if let Some(next) = next_ms {
+                schedule(
+                    &tx,
+                    next,
+                    &id,
+                    entry.event,
+                    entry.status,
+                    entry.attempts + 1,
+                )
+                .await?;
+            }
+            let state = tx
+                .query_opt(
+                    "SELECT callback_state FROM requests WHERE id = $1 FOR UPDATE",
+                    &[&&id.0[..]],
+                )
+                .await?
+                .map(|r| r.try_get::<_, Option<Vec<u8>>>(0))
+                .transpose()?
+                .flatten();
+            if let Some(bytes) = state {
+                let mut st: CallbackState = codec::decode(&bytes)?;
+                if st.event == entry.event {
+                    f(entry, &mut st);
+                    tx.execute(
+                        "UPDATE requests SET callback_state = $2 WHERE id = $1",
+                        &[&&id.0[..], &codec::encode(&st)?],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Every column of `table`, qualified (an `UPDATE ... FROM` returns them).
+fn qualified(table: &str) -> String {
+    COLS.split(", ")
+        .map(|c| format!("{table}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn settled_id(op: &Settle) -> RequestId {
+    match op {
+        Settle::Requeue { id, .. } | Settle::Complete { id, .. } | Settle::Unknown { id, .. } => {
+            *id
+        }
+    }
+}
+
+/// The submission inside its transaction: `Ok(Err(_))` for a refusal
+/// (nothing written), `Err(_)` for the database's error (a unique
+/// violation: a concurrent submission with the same key won; retry).
+async fn insert(
+    tx: &Transaction<'_>,
+    new: &NewRequest,
+    fixed: &[u8],
+) -> Result<Result<Submitted, StoreError>, tokio_postgres::Error> {
+    let lane = &new.lane[..];
+    if let Some(idem) = new.idempotency {
+        let sql =
+            format!("SELECT {COLS} FROM requests WHERE lane = $1 AND idem_key = $2 FOR UPDATE");
+        if let Some(r) = tx.query_opt(&sql, &[&lane, &&idem.key[..]]).await? {
+            let first = match row::record(&r) {
+                Ok(rec) => rec,
+                Err(e) => return Ok(Err(e)),
+            };
+            if !first.is_expired(new.now_ms) {
+                return Ok(
+                    if first.idempotency.map(|i| i.fingerprint) == Some(idem.fingerprint) {
+                        Ok(Submitted::Again(first))
+                    } else {
+                        Err(StoreError::IdempotencyReused)
+                    },
+                );
+            }
+            // Past its retention: the key is free again.
+            tx.execute(
+                "UPDATE requests SET idem_key = NULL WHERE id = $1",
+                &[&&first.id.0[..]],
+            )
+            .await?;
+        }
+    }
+    if let Some(cap) = new.max_pending {
+        // The lane's row serializes capped submissions to it.
+        tx.execute(
+            "INSERT INTO lanes (lane) VALUES ($1)
+             ON CONFLICT (lane) DO UPDATE SET lane = excluded.lane",
+            &[&lane],
+        )
+        .await?;
+        let sql = "SELECT count(*) FROM requests WHERE lane = $1 AND status = 0";
+        let n: i64 = tx.query_one(sql, &[&lane]).await?.get(0);
+        if n.max(0) as u64 >= cap {
+            return Ok(Err(StoreError::LaneFull(cap)));
+        }
+    }
+    let idem_key = new.idempotency.map(|i| i.key.to_vec());
+    let body = (!new.body.is_empty()).then_some(new.body.as_slice());
+    let sql = format!(
+        "INSERT INTO requests (id, lane, seq, status, created_ms, idem_key, sealed, request, body)
+         VALUES ($1, $2, nextval('request_seq'), 0, $3, $4, $5, $6, $7)
+         RETURNING {COLS}"
+    );
+    let r = tx
+        .query_one(
+            &sql,
+            &[
+                &&new.id.0[..],
+                &lane,
+                &big(new.now_ms),
+                &idem_key,
+                &new.sealed_credential,
+                &fixed,
+                &body,
+            ],
+        )
+        .await?;
+    Ok(row::record(&r).map(Submitted::New))
+}
+
+/// One settle inside a transaction, fenced on `started` under its claim.
+async fn settle_in(tx: &Transaction<'_>, op: Settle) -> Result<bool, StoreError> {
+    let id = settled_id(&op);
+    let fenced = |claims: u32| {
+        let sql = format!(
+            "SELECT {COLS} FROM requests WHERE id = $1 AND status = 1 AND claims = $2 FOR UPDATE"
+        );
+        async move { tx.query_opt(&sql, &[&&id.0[..], &small(claims)]).await }
+    };
+    match op {
+        Settle::Requeue { claims, sent, .. } => {
+            // Its `seq` is kept: back to its place at the head.
+            let sql = "UPDATE requests SET status = 0, started_ms = NULL, attempts = attempts + $3
+                       WHERE id = $1 AND status = 1 AND claims = $2";
+            let n = tx
+                .execute(sql, &[&&id.0[..], &small(claims), &i32::from(sent)])
+                .await?;
+            Ok(n > 0)
+        }
+        Settle::Complete {
+            claims,
+            done,
+            now_ms,
+            retention_ms,
+            ..
+        } => {
+            let Some(r) = fenced(claims).await? else {
+                return Ok(false);
+            };
+            let rec = row::record(&r)?;
+            let head = codec::encode(&ResponseHead {
+                body: None,
+                ..done.head
+            })?;
+            let body = (!done.body.is_empty()).then_some(done.body);
+            let state = call_back(tx, &rec, Status::Done, now_ms).await?;
+            let sql = "UPDATE requests SET status = 2, started_ms = $2, finished_ms = $3,
+                    expires_ms = $4, sealed = ''::bytea, body = NULL, attempts = attempts + 1,
+                    outcome = $5, response_head = $6, response_body = $7, callback_state = $8
+                 WHERE id = $1";
+            tx.execute(
+                sql,
+                &[
+                    &&id.0[..],
+                    &big(done.sent_ms),
+                    &big(now_ms),
+                    &big(now_ms.saturating_add(retention_ms)),
+                    &codec::encode(&done.outcome)?,
+                    &head,
+                    &body,
+                    &state,
+                ],
+            )
+            .await?;
+            Ok(true)
+        }
+        Settle::Unknown {
+            claims,
+            now_ms,
+            keep_ms,
+            ..
+        } => {
+            let Some(r) = fenced(claims).await? else {
+                return Ok(false);
+            };
+            let rec = row::record(&r)?;
+            let state = call_back(tx, &rec, Status::Unknown, now_ms).await?;
+            let sql = "UPDATE requests SET status = 3, finished_ms = $2, expires_ms = $3,
+                    attempts = attempts + 1, callback_state = $4
+                 WHERE id = $1";
+            tx.execute(
+                sql,
+                &[
+                    &&id.0[..],
+                    &big(now_ms),
+                    &big(now_ms.saturating_add(keep_ms)),
+                    &state,
+                ],
+            )
+            .await?;
+            Ok(true)
+        }
+    }
+}
+
+/// A new callback event for `rec` (if it has a callback URL), due now;
+/// returns the record's new view of its callback (encoded), or the old.
+async fn call_back(
+    tx: &Transaction<'_>,
+    rec: &RequestRecord,
+    status: Status,
+    now_ms: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    if rec.callback.is_none() {
+        return rec.callback_state.map(|s| codec::encode(&s)).transpose();
+    }
+    let event = rec.callback_state.map_or(0, |s| s.event) + 1;
+    schedule(tx, now_ms, &rec.id, event, status, 0).await?;
+    let state = CallbackState {
+        event,
+        status,
+        phase: CallbackPhase::Pending,
+        attempts: 0,
+        last_http_code: None,
+        next_attempt_ms: Some(now_ms),
+    };
+    Ok(Some(codec::encode(&state)?))
+}
+
+async fn schedule(
+    tx: &Transaction<'_>,
+    due_ms: u64,
+    id: &RequestId,
+    event: u32,
+    status: Status,
+    attempts: u32,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO callbacks (due_ms, id, event, status, attempts) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (due_ms, id) DO UPDATE
+         SET event = excluded.event, status = excluded.status, attempts = excluded.attempts",
+        &[
+            &big(due_ms),
+            &&id.0[..],
+            &small(event),
+            &row::code(status),
+            &small(attempts),
+        ],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The PostgreSQL store's reads: one query each, on an index.
+
+use super::row::{self, COLS, big};
+use super::{PgStore, StoreError};
+use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
+use crate::store::{CallbackEntry, codec};
+
+impl PgStore {
+    pub async fn get(&self, id: RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        self.with(move |c| async move {
+            let sql = format!("SELECT {COLS} FROM requests WHERE id = $1");
+            c.query_opt(&sql, &[&&id.0[..]])
+                .await?
+                .as_ref()
+                .map(row::record)
+                .transpose()
+        })
+        .await
+    }
+
+    pub async fn request_body(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
+        self.with(move |c| async move {
+            let row = c
+                .query_opt("SELECT body FROM requests WHERE id = $1", &[&&id.0[..]])
+                .await?;
+            Ok(row
+                .map(|r| r.try_get::<_, Option<Vec<u8>>>(0))
+                .transpose()?
+                .flatten()
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    /// A queued request's sealed credential, else a started or unknown
+    /// one's (the done ones have none left).
+    pub async fn first_sealed(&self) -> Result<Option<(RequestId, Vec<u8>)>, StoreError> {
+        self.with(move |c| async move {
+            for status in ["status = 0", "status IN (1, 3)"] {
+                let sql = format!(
+                    "SELECT id, sealed FROM requests WHERE {status} AND sealed <> ''::bytea LIMIT 1"
+                );
+                if let Some(r) = c.query_opt(&sql, &[]).await? {
+                    return Ok(Some((row::id(r.try_get(0)?)?, r.try_get(1)?)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    pub async fn response(
+        &self,
+        id: RequestId,
+    ) -> Result<Option<(ResponseHead, Vec<u8>)>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT response_head, response_body FROM requests
+                       WHERE id = $1 AND response_head IS NOT NULL";
+            let Some(r) = c.query_opt(sql, &[&&id.0[..]]).await? else {
+                return Ok(None);
+            };
+            let head: ResponseHead = codec::decode(r.try_get::<_, &[u8]>(0)?)?;
+            let body: Option<Vec<u8>> = r.try_get(1)?;
+            Ok(Some((head, body.unwrap_or_default())))
+        })
+        .await
+    }
+
+    /// A skip scan of the queue index: one probe per lane, not a walk of
+    /// every queued request.
+    pub async fn pending_lanes(&self) -> Result<Vec<LaneKey>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "WITH RECURSIVE l(lane) AS (
+                    (SELECT lane FROM requests WHERE status = 0 ORDER BY lane, seq LIMIT 1)
+                    UNION ALL
+                    SELECT (SELECT r.lane FROM requests r
+                            WHERE r.status = 0 AND r.lane > l.lane
+                            ORDER BY r.lane, r.seq LIMIT 1)
+                    FROM l WHERE l.lane IS NOT NULL)
+                SELECT lane FROM l WHERE lane IS NOT NULL";
+            c.query(sql, &[])
+                .await?
+                .iter()
+                .map(|r| row::lane(r.try_get(0)?))
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn pending_in_lane(&self, lane: LaneKey) -> Result<u64, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT count(*) FROM requests WHERE lane = $1 AND status = 0";
+            let n: i64 = c.query_one(sql, &[&&lane[..]]).await?.try_get(0)?;
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
+    /// By id (creation order), after `after`.
+    pub async fn list(
+        &self,
+        status: Status,
+        after: Option<RequestId>,
+        limit: usize,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        self.with(move |c| async move {
+            let sql = format!(
+                "SELECT {COLS} FROM requests WHERE status = $1 AND id > $2 ORDER BY id LIMIT $3"
+            );
+            let after = after.map_or(Vec::new(), |id| id.0.to_vec());
+            let limit = big(limit as u64);
+            c.query(&sql, &[&row::code(status), &after, &limit])
+                .await?
+                .iter()
+                .map(row::record)
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn counts(&self) -> Result<Vec<(Status, u64)>, StoreError> {
+        let rows = self
+            .with(move |c| async move {
+                let sql = "SELECT status, count(*) FROM requests GROUP BY status";
+                let mut out = Vec::new();
+                for r in c.query(sql, &[]).await? {
+                    out.push((row::status(r.try_get(0)?)?, r.try_get::<_, i64>(1)?));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Status::ALL
+            .iter()
+            .map(|&s| {
+                let n = rows.iter().find(|(r, _)| *r == s).map_or(0, |(_, n)| *n);
+                (s, n.max(0) as u64)
+            })
+            .collect())
+    }
+
+    pub async fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
+        self.first("SELECT min(due_ms) FROM callbacks").await
+    }
+
+    pub async fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        self.first("SELECT min(expires_ms) FROM requests WHERE expires_ms IS NOT NULL")
+            .await
+    }
+
+    async fn first(&self, sql: &'static str) -> Result<Option<u64>, StoreError> {
+        self.with(move |c| async move {
+            let at: Option<i64> = c.query_one(sql, &[]).await?.try_get(0)?;
+            Ok(at.map(|v| v.max(0) as u64))
+        })
+        .await
+    }
+
+    pub async fn due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT due_ms, id, event, status, attempts FROM callbacks
+                       WHERE due_ms <= $1 ORDER BY due_ms, id LIMIT $2";
+            let mut out = Vec::new();
+            for r in c.query(sql, &[&big(now_ms), &big(limit as u64)]).await? {
+                let entry = CallbackEntry {
+                    event: r.try_get::<_, i32>(2)?.max(0) as u32,
+                    status: row::status(r.try_get(3)?)?,
+                    attempts: r.try_get::<_, i32>(4)?.max(0) as u32,
+                };
+                let due: i64 = r.try_get(0)?;
+                out.push((due.max(0) as u64, row::id(r.try_get(1)?)?, entry));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A look before the submission's own check (which decides).
+    pub async fn idempotent(
+        &self,
+        lane: LaneKey,
+        idem: Idempotency,
+    ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
+        self.with(move |c| async move {
+            let sql = format!("SELECT {COLS} FROM requests WHERE lane = $1 AND idem_key = $2");
+            let Some(r) = c.query_opt(&sql, &[&&lane[..], &&idem.key[..]]).await? else {
+                return Ok(None);
+            };
+            let rec = row::record(&r)?;
+            Ok(Some(match rec.idempotency {
+                Some(i) if i.fingerprint == idem.fingerprint => Ok(rec),
+                _ => Err(StoreError::IdempotencyReused),
+            }))
+        })
+        .await
+    }
+
+    /// Counted on the queue index: a walk of the requests ahead.
+    pub async fn ahead(&self, lane: LaneKey, seq: u64) -> Result<u64, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT count(*) FROM requests WHERE lane = $1 AND status = 0 AND seq < $2";
+            let n: i64 = c
+                .query_one(sql, &[&&lane[..], &big(seq)])
+                .await?
+                .try_get(0)?;
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+}

@@ -1,0 +1,134 @@
+//! The database's schema, as numbered migrations applied on start, each in
+//! the transaction that records it (`asyncgate_schema`), under an advisory
+//! lock so that nodes starting together apply each once. A database newer
+//! than this binary is refused: its rows may mean something we cannot read.
+
+use tokio_postgres::Client;
+
+use super::super::StoreError;
+
+/// `(version, SQL)`, in order; never edit a released one, add the next.
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+
+/// Statuses are `Status::code()`: 0 enqueued, 1 started, 2 done, 3 unknown.
+const V1: &str = "
+CREATE TABLE asyncgate_meta (
+    key   text PRIMARY KEY,
+    value bytea NOT NULL
+);
+
+-- One row per credential lane: the unit a capped submission locks.
+CREATE TABLE lanes (
+    lane bytea PRIMARY KEY
+);
+
+-- Position in a lane; a requeued unknown request takes a new one.
+CREATE SEQUENCE request_seq;
+
+CREATE TABLE requests (
+    id             bytea PRIMARY KEY,
+    lane           bytea NOT NULL,
+    seq            bigint NOT NULL,
+    status         smallint NOT NULL,
+    -- The fencing token: a settle names the claim it settles.
+    claims         integer NOT NULL DEFAULT 0,
+    attempts       integer NOT NULL DEFAULT 0,
+    created_ms     bigint NOT NULL,
+    started_ms     bigint,
+    finished_ms    bigint,
+    expires_ms     bigint,
+    -- Hashed Idempotency-Key (per lane).
+    idem_key       bytea,
+    -- The credential sealed with the key file; empty once done.
+    sealed         bytea NOT NULL,
+    -- What never changes: method, target, headers, callback, key.
+    request        bytea NOT NULL,
+    body           bytea,
+    outcome        bytea,
+    callback_state bytea,
+    response_head  bytea,
+    response_body  bytea
+);
+
+-- The per-credential FIFO queues.
+CREATE INDEX requests_queue ON requests (lane, seq) WHERE status = 0;
+-- Recovery and the operator's list.
+CREATE INDEX requests_open ON requests (status, id) WHERE status IN (1, 3);
+-- Retention, oldest first.
+CREATE INDEX requests_expiry ON requests (expires_ms) WHERE expires_ms IS NOT NULL;
+CREATE UNIQUE INDEX requests_idempotency ON requests (lane, idem_key)
+    WHERE idem_key IS NOT NULL;
+
+-- Pending callback events.
+CREATE TABLE callbacks (
+    due_ms   bigint NOT NULL,
+    id       bytea NOT NULL,
+    event    integer NOT NULL,
+    status   smallint NOT NULL,
+    attempts integer NOT NULL,
+    PRIMARY KEY (due_ms, id)
+);
+";
+
+/// Serializes nodes migrating at once (any constant of ours).
+const MIGRATION_LOCK: i64 = 0x6173_796e_6367_0001;
+
+/// Brings the database to this binary's schema.
+pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS asyncgate_schema (
+            version    integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM asyncgate_schema",
+            &[],
+        )
+        .await?;
+    let at: i32 = row.get(0);
+    let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if at > newest {
+        return Err(StoreError::Format(format!(
+            "the database is at schema version {at}, newer than this asyncgate's \
+             ({newest}): run the newer version"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > at) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO asyncgate_schema (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+        log::info!("database schema migrated to version {version}");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The installation's salt (credentials hash differently in each), made
+/// by the first node to start.
+pub async fn salt(client: &Client) -> Result<[u8; 32], StoreError> {
+    let mut fresh = [0u8; 32];
+    getrandom::getrandom(&mut fresh)
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    client
+        .execute(
+            "INSERT INTO asyncgate_meta (key, value) VALUES ('salt', $1)
+             ON CONFLICT (key) DO NOTHING",
+            &[&&fresh[..]],
+        )
+        .await?;
+    let row = client
+        .query_one("SELECT value FROM asyncgate_meta WHERE key = 'salt'", &[])
+        .await?;
+    let v: Vec<u8> = row.get(0);
+    <[u8; 32]>::try_from(v.as_slice())
+        .map_err(|_| StoreError::Codec("salt has the wrong length".into()))
+}

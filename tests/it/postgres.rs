@@ -1,0 +1,138 @@
+//! What only the PostgreSQL store has (SPEC §12): its schema, its one
+//! gateway per database (until nodes keep heartbeats), its commits. They run
+//! in the suite's PostgreSQL pass (`tools/test`); without a cluster they
+//! skip, saying so, except in that pass, where a missing one fails them.
+
+use std::io::Write;
+use std::process::Command;
+
+use crate::backend;
+use crate::helpers::*;
+
+/// The data dir's database URL, or `None` (said loudly) without a cluster.
+fn database(dir: &std::path::Path, test: &str) -> Option<String> {
+    if backend::postgres().is_none() {
+        let required = std::env::var("ASYNCGATE_TEST_PASS").is_ok_and(|p| p == "postgres");
+        assert!(!required, "{test}: the PostgreSQL pass has no cluster");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: needs PostgreSQL (tools/test runs it)"
+        );
+        return None;
+    }
+    backend::store_flags(dir).pop()
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `asyncgate serve` on `url` until it exits (or 30 s pass).
+fn serve_to_exit(dir: &std::path::Path, url: &str) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_asyncgate"))
+        .args(["serve", "--upstream", "http://127.0.0.1:9"])
+        .args(["--listen", "127.0.0.1:0", "--store", url])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + SECS(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn a_submission_is_committed_before_its_202() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = database(
+        &dir.path().join("data"),
+        "a_submission_is_committed_before_its_202",
+    ) else {
+        return;
+    };
+    let app = TestApp::start_in("http://127.0.0.1:9", &[], dir).await;
+    let id = app
+        .submit("POST", "/async_api/v2/x.json", &[], b"{\"a\": 1}")
+        .await;
+    // Read by another connection the moment the 202 is in: committed
+    // (queued, or in a try against the closed port).
+    let hex = ulid_hex(&id);
+    let row = psql(
+        &url,
+        &format!(
+            "SELECT status IN (0, 1), convert_from(body, 'UTF8') FROM requests WHERE id = '\\x{hex}'"
+        ),
+    );
+    assert_eq!(row, "t|{\"a\": 1}");
+    assert_eq!(psql(&url, "SHOW synchronous_commit"), "on");
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_second_gateway_on_one_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = database(
+        &dir.path().join("data"),
+        "a_second_gateway_on_one_database_is_refused",
+    ) else {
+        return;
+    };
+    let app = TestApp::start_in("http://127.0.0.1:9", &[], dir).await;
+    let other = tempfile::tempdir().unwrap();
+    let (ok, stderr) = serve_to_exit(other.path(), &url);
+    assert!(!ok, "a second gateway ran: {stderr}");
+    assert!(
+        stderr.contains("in use by another running gateway"),
+        "{stderr}"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_database_of_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = database(
+        &dir.path().join("data"),
+        "a_database_of_a_newer_schema_is_refused",
+    ) else {
+        return;
+    };
+    // Made and migrated by a first start.
+    let app = TestApp::start_in("http://127.0.0.1:9", &[], dir).await;
+    let dir = {
+        let mut app = app;
+        app.running.take().unwrap().stop().await.unwrap();
+        app.data_dir
+    };
+    psql(&url, "INSERT INTO asyncgate_schema (version) VALUES (999)");
+    let (ok, stderr) = serve_to_exit(dir.path(), &url);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("schema version 999"), "{stderr}");
+}
+
+/// A request id (ULID text) as the hex of its 16 bytes.
+fn ulid_hex(id: &str) -> String {
+    let n = ulid::Ulid::from_string(id).expect("an id").0;
+    format!("{n:032x}")
+}
