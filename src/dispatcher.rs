@@ -181,7 +181,15 @@ pub async fn run(
     }
     let mut wake_at: Option<Instant> = None;
     let mut give_up_at: Option<Instant> = None;
+    let rescan_every = ctx.store.rescan_every();
+    let mut rescan_at = rescan_every.map(|every| Instant::now() + every);
     loop {
+        if let (Some(at), Some(every)) = (rescan_at, rescan_every)
+            && at <= Instant::now()
+        {
+            rescan(&ctx, &mut sched).await;
+            rescan_at = Some(Instant::now() + every);
+        }
         if give_up_at.is_none() {
             wake_at = dispatch(&ctx, &mut sched, &chan.tx).await;
         } else if sched.in_flight() == 0 {
@@ -191,10 +199,10 @@ pub async fn run(
         if sched.take_shrunk() {
             release_freed_memory();
         }
-        let sleep_until = give_up_at.or(match (wake_at, sched.housekeeping_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        });
+        let sleep_until = give_up_at.or([wake_at, sched.housekeeping_at(), rescan_at]
+            .into_iter()
+            .flatten()
+            .min());
         tokio::select! {
             ev = chan.rx.recv() => {
                 let Some(ev) = ev else { break };
@@ -227,6 +235,16 @@ pub async fn run(
     }
     log::info!("dispatcher stopped");
     Ok(())
+}
+
+/// Marks every lane the store holds queued requests for: on a store whose
+/// claims may skip a row another transaction holds (PostgreSQL's `SKIP
+/// LOCKED`), a lane found empty for a moment is found again here.
+async fn rescan(ctx: &Context, sched: &mut Scheduler) {
+    match ctx.store.pending_lanes().await {
+        Ok(lanes) => lanes.into_iter().for_each(|lane| sched.queued(lane)),
+        Err(e) => log::warn!("looking for queued requests failed: {e}"),
+    }
 }
 
 fn apply_event(sched: &mut Scheduler, pauses: &Pauses, ev: Event) {

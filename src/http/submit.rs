@@ -97,6 +97,8 @@ pub async fn submit(
             None => None,
         };
         return match first {
+            // Past its retention, the key names nothing (SPEC §10).
+            Some(Ok(first)) if first.is_expired(now_ms()) => Err(refused),
             Some(Ok(first)) => answer(&state, first, &prefer).await,
             Some(Err(e)) => Err(e.into()),
             None => Err(refused),
@@ -141,8 +143,12 @@ pub async fn submit(
             state.metrics.accepted();
             rec
         }
-        // The same key arrived together with this one, and won.
-        Submitted::Again(first) => first,
+        // The same key arrived together with this one, and won (its
+        // lane is looked at again: a claim may have skipped it meanwhile).
+        Submitted::Again(first) => {
+            state.dispatch.queued(first.lane);
+            first
+        }
     };
     answer(&state, rec, &prefer).await
 }
@@ -155,7 +161,7 @@ async fn admit(state: &State, lane: &crate::model::LaneKey) -> Result<(), ApiErr
         return Err(ApiError::InsufficientStorage);
     }
     if let Some(cap) = state.max_pending_per_credential
-        && state.store.pending_in_lane(lane).await? >= cap
+        && state.store.pending_at_least(lane, cap).await?
     {
         return Err(ApiError::TooManyPending(cap));
     }

@@ -163,6 +163,17 @@ impl Store {
         }
     }
 
+    /// How often the dispatcher looks for lanes with queued requests on
+    /// its own: never on the embedded store (its one writer hands every
+    /// claim the head it asked for); on PostgreSQL a claim skips rows
+    /// another transaction has locked, so a lane it found empty may not be.
+    pub fn rescan_every(&self) -> Option<std::time::Duration> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Pg(_) => Some(std::time::Duration::from_secs(2)),
+        }
+    }
+
     fn waiters(&self) -> &Waiters {
         match &self.backend {
             Backend::Sled(s) => s.waiters(),
@@ -233,11 +244,12 @@ impl Store {
         }
     }
 
-    /// Requests queued in `lane`.
-    pub async fn pending_in_lane(&self, lane: &LaneKey) -> Result<u64, StoreError> {
+    /// Whether `lane` holds at least `n` queued requests (the pending
+    /// cap): on PostgreSQL a count that stops at `n`.
+    pub async fn pending_at_least(&self, lane: &LaneKey, n: u64) -> Result<bool, StoreError> {
         match &self.backend {
-            Backend::Sled(s) => s.pending_in_lane(lane),
-            Backend::Pg(s) => s.pending_in_lane(*lane).await,
+            Backend::Sled(s) => Ok(s.pending_in_lane(lane)? >= n),
+            Backend::Pg(s) => s.pending_at_least(*lane, n).await,
         }
     }
 

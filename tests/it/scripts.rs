@@ -357,9 +357,17 @@ async fn bad_idempotency_keys_are_400() {
 #[actix_web::test]
 async fn cancel_removes_a_queued_request_for_good_and_ahead_follows() {
     let up = Fake::start().await;
-    let app = TestApp::start(DOWN, &[]).await;
-    let mut ids = Vec::new();
-    for i in 0..5 {
+    // The first one pauses the lane for an hour (a 429): from then on the
+    // queue holds still, with no try in flight to move it.
+    let refusing = Fake::start_with(|_, _| Reply::status(429).header("Retry-After", b"3600")).await;
+    let app = TestApp::start(&refusing.url(), &[]).await;
+    let mut ids = vec![app.submit_as("POST", "/async_api/v2/q0.json", OWNER).await];
+    let deadline = Instant::now() + SECS(5);
+    while app.status(&ids[0], AUTH).await.json()["pause_reason"] != "rate_limited" {
+        assert!(Instant::now() < deadline, "never paused");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 1..5 {
         ids.push(
             app.submit_as("POST", &format!("/async_api/v2/q{i}.json"), OWNER)
                 .await,

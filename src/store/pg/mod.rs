@@ -27,7 +27,8 @@ mod row;
 mod schema;
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use deadpool_postgres::{Pool, PoolError, Runtime};
 use tokio_postgres::NoTls;
@@ -44,7 +45,11 @@ const POOL_SIZE: usize = 16;
 
 /// The longest wait for a pooled connection (or a new one): past it the
 /// operation fails (a 503 to a submission) rather than hang.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest any statement may run, and the longest unacknowledged data
+/// may sit on a connection, before the operation fails.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Held, on a connection of its own, by the one gateway using the database.
 const SINGLE_NODE_LOCK: i64 = 0x6173_796e_6367_0002;
@@ -62,7 +67,10 @@ pub struct PgStore {
     _holder: tokio_postgres::Client,
     salt: [u8; 32],
     fatal: Fatal,
-    waiters: Waiters,
+    /// Shared with the tasks that commit: they wake the waiters of what
+    /// they finished right after the commit, whether or not whoever asked
+    /// for the change is still there to hear of it.
+    waiters: Arc<Waiters>,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -92,24 +100,48 @@ impl PgStore {
             .build()?;
         let handle = runtime.handle().clone();
         let url = config.url.clone();
+        let fatal = Fatal::default();
+        let fatal_in = fatal.clone();
         let opened = handle.spawn(async move {
             let mut pg: tokio_postgres::Config = url
                 .parse()
                 .map_err(|e| StoreError::Format(format!("--store: {e}")))?;
             // A 202 waits for a durable commit, whatever the server's or
-            // the role's default says.
+            // the role's default says; no statement runs unbounded.
+            let ours = format!(
+                "-c synchronous_commit=on -c statement_timeout={}",
+                STATEMENT_TIMEOUT.as_millis()
+            );
             let options = match pg.get_options() {
-                Some(o) => format!("{o} -c synchronous_commit=on"),
-                None => "-c synchronous_commit=on".to_string(),
+                Some(o) => format!("{o} {ours}"),
+                None => ours,
             };
             pg.options(&options);
+            // A database host that stops answering (no reset, no FIN) is
+            // noticed in seconds, not after TCP's quarter of an hour.
+            if pg.get_connect_timeout().is_none() {
+                pg.connect_timeout(CONNECT_TIMEOUT);
+            }
+            pg.keepalives(true)
+                .keepalives_idle(Duration::from_secs(10))
+                .keepalives_interval(Duration::from_secs(5))
+                .keepalives_retries(3)
+                .tcp_user_timeout(STATEMENT_TIMEOUT);
             let (holder, connection) = pg.connect(NoTls).await.map_err(|e| {
                 StoreError::Unavailable(format!("cannot connect to the database: {e}"))
             })?;
+            // Without its lock a second gateway could start on the database:
+            // losing it stops this one (its supervisor restarts it, and the
+            // new process takes the lock again or is refused).
+            let lost = fatal_in;
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    log::error!("the database connection holding this node's lock closed: {e}");
-                }
+                let why = match connection.await {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                lost.fail(format!(
+                    "the database connection holding this gateway's lock ended ({why})"
+                ));
             });
             let locked: bool = holder
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&SINGLE_NODE_LOCK])
@@ -158,8 +190,8 @@ impl PgStore {
             runtime: Mutex::new(Some(runtime)),
             _holder: holder,
             salt,
-            fatal: Fatal::default(),
-            waiters: Waiters::default(),
+            fatal,
+            waiters: Arc::default(),
         })
     }
 
@@ -167,8 +199,9 @@ impl PgStore {
         &self.salt
     }
 
-    /// Nothing here is fatal: every failure is the database's answer to
-    /// one transaction, and the next may succeed (a 503 meanwhile).
+    /// Set only when this gateway lost its hold on the database; every
+    /// other failure is the database's answer to one transaction, and the
+    /// next may succeed (a 503 meanwhile).
     pub fn fatal(&self) -> &Fatal {
         &self.fatal
     }

@@ -2,6 +2,8 @@
 //! it returns; the waiters of what one finished are woken after it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
@@ -107,21 +109,42 @@ impl PgStore {
             .collect())
     }
 
-    /// Settles one attempt; false if its claim was stale.
+    /// Settles one attempt; false if its claim was stale. A settle is
+    /// fenced (status and claim count), so trying one again after an
+    /// error whose outcome is unknown (a dropped connection during the
+    /// commit) is safe: if the first try committed, the next changes
+    /// nothing. So a database that fails for a while leaves no request
+    /// `started`: this tries until it commits, backing off up to 5 s, and
+    /// gives up only when the store has failed for good.
     pub async fn settle(&self, op: Settle) -> Result<bool, StoreError> {
-        let id = settled_id(&op);
-        let changed = self
-            .with(move |mut c| async move {
-                let tx = c.transaction().await?;
-                let changed = settle_in(&tx, op).await?;
-                tx.commit().await?;
-                Ok(changed)
-            })
-            .await?;
-        if changed {
-            self.waiters.wake([id]);
+        let op = Arc::new(op);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let (once, waiters) = (op.clone(), self.waiters.clone());
+            let tried = self
+                .with(move |mut c| async move {
+                    let tx = c.transaction().await?;
+                    let changed = settle_in(&tx, &once).await?;
+                    tx.commit().await?;
+                    if changed {
+                        waiters.wake([settled_id(&once)]);
+                    }
+                    Ok(changed)
+                })
+                .await;
+            match tried {
+                Ok(changed) => return Ok(changed),
+                Err(e) if self.fatal.failed().is_some() => return Err(e),
+                Err(e) => {
+                    log::warn!(
+                        "settling request {} failed ({e}); trying again in {pause:?}",
+                        settled_id(&op)
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        Ok(changed)
     }
 
     /// Start-up recovery: every `started` request, in one transaction.
@@ -153,7 +176,7 @@ impl PgStore {
                         keep_ms: unknown_keep_ms,
                     }
                 };
-                settle_in(&tx, op).await?;
+                settle_in(&tx, &op).await?;
             }
             tx.commit().await?;
             Ok(report)
@@ -183,65 +206,62 @@ impl PgStore {
 
     /// Deletes a `done` or `unknown` request.
     pub async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
-        let n = self
-            .with(move |c| async move {
-                let sql = "DELETE FROM requests WHERE id = $1 AND status IN (2, 3)";
-                Ok(c.execute(sql, &[&&id.0[..]]).await?)
-            })
-            .await?;
-        self.woken(id, n > 0)
+        let waiters = self.waiters.clone();
+        self.with(move |c| async move {
+            let sql = "DELETE FROM requests WHERE id = $1 AND status IN (2, 3)";
+            let gone = c.execute(sql, &[&&id.0[..]]).await? > 0;
+            if gone {
+                waiters.wake([id]);
+            }
+            Ok(gone)
+        })
+        .await
     }
 
     /// The owner's cancel. A claim holds the row it takes until it
     /// commits, so a cancel either removes a request no claim has (never
     /// sent then) or finds it `started` (`InFlight`).
     pub async fn cancel(&self, id: RequestId) -> Result<bool, StoreError> {
-        let gone = self
-            .with(move |mut c| async move {
-                let tx = c.transaction().await?;
-                let sql = "SELECT status FROM requests WHERE id = $1 FOR UPDATE";
-                let Some(r) = tx.query_opt(sql, &[&&id.0[..]]).await? else {
-                    return Ok(false);
-                };
-                if row::status(r.try_get(0)?)? == Status::Started {
-                    return Err(StoreError::InFlight);
-                }
-                tx.execute("DELETE FROM requests WHERE id = $1", &[&&id.0[..]])
-                    .await?;
-                tx.commit().await?;
-                Ok(true)
-            })
-            .await?;
-        self.woken(id, gone)
-    }
-
-    fn woken(&self, id: RequestId, changed: bool) -> Result<bool, StoreError> {
-        if changed {
-            self.waiters.wake([id]);
-        }
-        Ok(changed)
+        let waiters = self.waiters.clone();
+        self.with(move |mut c| async move {
+            let tx = c.transaction().await?;
+            let sql = "SELECT status FROM requests WHERE id = $1 FOR UPDATE";
+            let Some(r) = tx.query_opt(sql, &[&&id.0[..]]).await? else {
+                return Ok(false);
+            };
+            if row::status(r.try_get(0)?)? == Status::Started {
+                return Err(StoreError::InFlight);
+            }
+            tx.execute("DELETE FROM requests WHERE id = $1", &[&&id.0[..]])
+                .await?;
+            tx.commit().await?;
+            waiters.wake([id]);
+            Ok(true)
+        })
+        .await
     }
 
     /// Deletes up to `limit` requests past retention, oldest first; rows
     /// another node is deleting are skipped, not waited for.
     pub async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let ids = self
-            .with(move |c| async move {
-                let sql = "DELETE FROM requests WHERE id IN (
-                        SELECT id FROM requests
-                        WHERE expires_ms <= $1 AND status IN (2, 3)
-                        ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
-                    RETURNING id";
-                c.query(sql, &[&big(now_ms), &big(limit as u64)])
-                    .await?
-                    .iter()
-                    .map(|r| row::id(r.try_get(0)?))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
-        let n = ids.len();
-        self.waiters.wake(ids);
-        Ok(n)
+        let waiters = self.waiters.clone();
+        self.with(move |c| async move {
+            let sql = "DELETE FROM requests WHERE id IN (
+                    SELECT id FROM requests
+                    WHERE expires_ms <= $1 AND status IN (2, 3)
+                    ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
+                RETURNING id";
+            let ids = c
+                .query(sql, &[&big(now_ms), &big(limit as u64)])
+                .await?
+                .iter()
+                .map(|r| row::id(r.try_get(0)?))
+                .collect::<Result<Vec<_>, _>>()?;
+            let n = ids.len();
+            waiters.wake(ids);
+            Ok(n)
+        })
+        .await
     }
 
     pub async fn callback_finished(
@@ -331,9 +351,12 @@ impl PgStore {
                 )
                 .await?;
             }
+            // Read, not locked (a requeued request may be queued: a lock
+            // would make a claim skip it); written only if unchanged, so a
+            // newer event's view, made meanwhile, is never overwritten.
             let state = tx
                 .query_opt(
-                    "SELECT callback_state FROM requests WHERE id = $1 FOR UPDATE",
+                    "SELECT callback_state FROM requests WHERE id = $1",
                     &[&&id.0[..]],
                 )
                 .await?
@@ -345,8 +368,9 @@ impl PgStore {
                 if st.event == entry.event {
                     f(entry, &mut st);
                     tx.execute(
-                        "UPDATE requests SET callback_state = $2 WHERE id = $1",
-                        &[&&id.0[..], &codec::encode(&st)?],
+                        "UPDATE requests SET callback_state = $2
+                         WHERE id = $1 AND callback_state = $3",
+                        &[&&id.0[..], &codec::encode(&st)?, &bytes],
                     )
                     .await?;
                 }
@@ -384,8 +408,9 @@ async fn insert(
 ) -> Result<Result<Submitted, StoreError>, tokio_postgres::Error> {
     let lane = &new.lane[..];
     if let Some(idem) = new.idempotency {
-        let sql =
-            format!("SELECT {COLS} FROM requests WHERE lane = $1 AND idem_key = $2 FOR UPDATE");
+        // Read, not locked: a lock on a queued request would make a claim
+        // skip it (SKIP LOCKED). The unique index decides races.
+        let sql = format!("SELECT {COLS} FROM requests WHERE lane = $1 AND idem_key = $2");
         if let Some(r) = tx.query_opt(&sql, &[&lane, &&idem.key[..]]).await? {
             let first = match row::record(&r) {
                 Ok(rec) => rec,
@@ -400,10 +425,11 @@ async fn insert(
                     },
                 );
             }
-            // Past its retention: the key is free again.
+            // Past its retention (so finished: never a claim's row): the
+            // key is free again.
             tx.execute(
-                "UPDATE requests SET idem_key = NULL WHERE id = $1",
-                &[&&first.id.0[..]],
+                "UPDATE requests SET idem_key = NULL WHERE id = $1 AND expires_ms <= $2",
+                &[&&first.id.0[..], &big(new.now_ms)],
             )
             .await?;
         }
@@ -416,8 +442,10 @@ async fn insert(
             &[&lane],
         )
         .await?;
-        let sql = "SELECT count(*) FROM requests WHERE lane = $1 AND status = 0";
-        let n: i64 = tx.query_one(sql, &[&lane]).await?.get(0);
+        let n: i64 = tx
+            .query_one(super::reads::PENDING_UP_TO, &[&lane, &big(cap)])
+            .await?
+            .get(0);
         if n.max(0) as u64 >= cap {
             return Ok(Err(StoreError::LaneFull(cap)));
         }
@@ -447,15 +475,15 @@ async fn insert(
 }
 
 /// One settle inside a transaction, fenced on `started` under its claim.
-async fn settle_in(tx: &Transaction<'_>, op: Settle) -> Result<bool, StoreError> {
-    let id = settled_id(&op);
+async fn settle_in(tx: &Transaction<'_>, op: &Settle) -> Result<bool, StoreError> {
+    let id = settled_id(op);
     let fenced = |claims: u32| {
         let sql = format!(
             "SELECT {COLS} FROM requests WHERE id = $1 AND status = 1 AND claims = $2 FOR UPDATE"
         );
         async move { tx.query_opt(&sql, &[&&id.0[..], &small(claims)]).await }
     };
-    match op {
+    match *op {
         Settle::Requeue { claims, sent, .. } => {
             // Its `seq` is kept: back to its place at the head.
             let sql = "UPDATE requests SET status = 0, started_ms = NULL, attempts = attempts + $3
@@ -467,7 +495,7 @@ async fn settle_in(tx: &Transaction<'_>, op: Settle) -> Result<bool, StoreError>
         }
         Settle::Complete {
             claims,
-            done,
+            ref done,
             now_ms,
             retention_ms,
             ..
@@ -478,9 +506,9 @@ async fn settle_in(tx: &Transaction<'_>, op: Settle) -> Result<bool, StoreError>
             let rec = row::record(&r)?;
             let head = codec::encode(&ResponseHead {
                 body: None,
-                ..done.head
+                ..done.head.clone()
             })?;
-            let body = (!done.body.is_empty()).then_some(done.body);
+            let body = (!done.body.is_empty()).then_some(done.body.as_slice());
             let state = call_back(tx, &rec, Status::Done, now_ms).await?;
             let sql = "UPDATE requests SET status = 2, started_ms = $2, finished_ms = $3,
                     expires_ms = $4, sealed = ''::bytea, body = NULL, attempts = attempts + 1,

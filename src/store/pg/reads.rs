@@ -5,6 +5,11 @@ use super::{PgStore, StoreError};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 use crate::store::{CallbackEntry, codec};
 
+/// A lane's queued requests, counted up to `$2` (the cap): a capped
+/// submission costs the cap at most, never the whole backlog.
+pub const PENDING_UP_TO: &str = "SELECT count(*) FROM
+    (SELECT 1 FROM requests WHERE lane = $1 AND status = 0 LIMIT $2) AS queued";
+
 impl PgStore {
     pub async fn get(&self, id: RequestId) -> Result<Option<RequestRecord>, StoreError> {
         self.with(move |c| async move {
@@ -87,11 +92,11 @@ impl PgStore {
         .await
     }
 
-    pub async fn pending_in_lane(&self, lane: LaneKey) -> Result<u64, StoreError> {
+    /// Counted on the queue index up to `n` at most.
+    pub async fn pending_at_least(&self, lane: LaneKey, n: u64) -> Result<bool, StoreError> {
         self.with(move |c| async move {
-            let sql = "SELECT count(*) FROM requests WHERE lane = $1 AND status = 0";
-            let n: i64 = c.query_one(sql, &[&&lane[..]]).await?.try_get(0)?;
-            Ok(n.max(0) as u64)
+            let held = c.query_one(PENDING_UP_TO, &[&&lane[..], &big(n)]).await?;
+            Ok(held.try_get::<_, i64>(0)?.max(0) as u64 >= n)
         })
         .await
     }

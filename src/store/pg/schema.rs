@@ -52,6 +52,8 @@ CREATE TABLE requests (
 
 -- The per-credential FIFO queues.
 CREATE INDEX requests_queue ON requests (lane, seq) WHERE status = 0;
+-- The oldest queued request (metrics), the key check at start.
+CREATE INDEX requests_queued ON requests (id) WHERE status = 0;
 -- Recovery and the operator's list.
 CREATE INDEX requests_open ON requests (status, id) WHERE status IN (1, 3);
 -- Retention, oldest first.
