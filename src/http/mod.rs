@@ -8,6 +8,7 @@ mod ops;
 mod prefer;
 mod query;
 mod submit;
+mod view;
 mod wait;
 
 use std::sync::Arc;

@@ -4,13 +4,12 @@
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde::Serialize;
 
 use super::prefer::{Prefer, applied_wait};
+use super::view::StatusView;
 use super::{ApiError, State, reserved_file, single_header, wait};
-use crate::callback::response_url;
 use crate::crypto::{credential_hash, same_owner};
-use crate::model::{CallbackPhase, RequestId, RequestRecord, Status, format_time, now_ms};
+use crate::model::{RequestId, RequestRecord, Status, now_ms};
 use crate::store::StoreError;
 
 /// The record behind `{id}.json`, if the caller's credential submitted it.
@@ -87,90 +86,6 @@ async fn cancel(req: &HttpRequest, state: &State) -> Result<HttpResponse, ApiErr
         Ok(false) => Err(ApiError::NotFound),
         Err(StoreError::InFlight) => Err(ApiError::InFlight),
         Err(e) => Err(e.into()),
-    }
-}
-
-/// The status body (SPEC §2, with §10's extras where they apply): the
-/// fields each status shows, in order.
-#[derive(Serialize)]
-pub struct StatusView {
-    id: String,
-    status: &'static str,
-    created: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    started: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    response_http_code: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    response_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exec_time: Option<u64>,
-    attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ahead: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    paused_until: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pause_reason: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    callback: Option<CallbackView>,
-}
-
-#[derive(Serialize)]
-struct CallbackView {
-    state: &'static str,
-    attempts: u32,
-    last_http_code: Option<u16>,
-    next_attempt: Option<String>,
-}
-
-impl StatusView {
-    pub async fn new(rec: &RequestRecord, state: &State) -> Result<StatusView, ApiError> {
-        let public_url = state.public_url.as_deref();
-        let queued = rec.status == Status::Enqueued;
-        let ahead = if queued {
-            Some(state.store.ahead(rec).await?)
-        } else {
-            None
-        };
-        let paused = state.pauses.of(&rec.lane).filter(|_| queued);
-        let done = match (rec.status, &rec.outcome) {
-            (Status::Done, Some(o)) => Some(o),
-            _ => None,
-        };
-        Ok(StatusView {
-            id: rec.id.to_string(),
-            status: rec.status.as_str(),
-            created: format_time(rec.created_ms),
-            started: rec
-                .started_ms
-                .filter(|_| rec.status != Status::Enqueued)
-                .map(format_time),
-            response_http_code: done.map(|o| o.code),
-            response_url: done.map(|_| response_url(public_url, &rec.id)),
-            exec_time: done.map(|o| o.exec_ms),
-            attempts: rec.attempts,
-            ahead,
-            paused_until: paused.map(|(until, _)| format_time(until)),
-            pause_reason: paused.map(|(_, why)| why.as_str()),
-            // A request with a callback and no event yet (not finished)
-            // shows it pending, with no attempt scheduled: it is sent once
-            // the request is `done` or `unknown`.
-            callback: rec.callback.as_ref().map(|_| match rec.callback_state {
-                Some(c) => CallbackView {
-                    state: c.phase.as_str(),
-                    attempts: c.attempts,
-                    last_http_code: c.last_http_code,
-                    next_attempt: c.next_attempt_ms.map(format_time),
-                },
-                None => CallbackView {
-                    state: CallbackPhase::Pending.as_str(),
-                    attempts: 0,
-                    last_http_code: None,
-                    next_attempt: None,
-                },
-            }),
-        })
     }
 }
 

@@ -4,14 +4,14 @@
 use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
-use serde_json::json;
 
 use super::prefer::{self, Prefer, applied_wait};
-use super::query::{self, StatusView};
+use super::query;
+use super::view::{Accepted, StatusView};
 use super::{ApiError, State, single_header, wait};
 use crate::crypto::{CryptoError, credential_hash};
 use crate::model::{
-    Callback, CallbackMethod, RequestId, RequestRecord, Status, end_to_end, format_time, now_ms,
+    Callback, CallbackMethod, RequestId, RequestRecord, Status, end_to_end, now_ms,
 };
 use crate::store::{NewRequest, Submitted};
 
@@ -180,7 +180,7 @@ async fn answer(
     let Some(wait) = prefer.wait else {
         return Ok(HttpResponse::build(StatusCode::ACCEPTED)
             .insert_header((header::LOCATION, location))
-            .json(json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})));
+            .json(Accepted::new(&rec)));
     };
     wait::until_settled(state, &[rec.id], &rec.lane, wait).await;
     let now = wait::visible(state, &rec.id, &rec.lane).await?;
@@ -198,19 +198,16 @@ async fn answer(
         );
         return Ok(res);
     }
-    let view = match &now {
-        Some(r) => serde_json::to_value(StatusView::new(r, state).await?).unwrap_or_default(),
-        None => {
-            json!({"id": rec.id.to_string(), "status": "enqueued", "created": format_time(rec.created_ms)})
-        }
-    };
-    Ok(HttpResponse::build(StatusCode::ACCEPTED)
-        .insert_header((header::LOCATION, location))
+    let mut res = HttpResponse::build(StatusCode::ACCEPTED);
+    res.insert_header((header::LOCATION, location))
         .insert_header((
             "preference-applied",
             format!("respond-async, {}", applied_wait(wait)),
-        ))
-        .json(view))
+        ));
+    Ok(match &now {
+        Some(r) => res.json(StatusView::new(r, state).await?),
+        None => res.json(Accepted::new(&rec)),
+    })
 }
 
 fn header_value(v: &str) -> Result<header::HeaderValue, ApiError> {

@@ -3,6 +3,7 @@
 //! request only (`Store::watch`) and sleeps; the store round that finishes
 //! the request wakes it. A gateway shutting down answers at once.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -10,12 +11,11 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use futures_util::future::{Either, select, select_all};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::prefer::{Prefer, applied_wait};
-use super::query::StatusView;
+use super::view::StatusView;
 use super::{ApiError, State, single_header};
 use crate::crypto::{credential_hash, same_owner};
 use crate::model::{LaneKey, RequestId, RequestRecord, Status, now_ms};
@@ -94,9 +94,20 @@ async fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Woken> {
     }))
 }
 
+/// A bulk body. Ids are strings: anything else is a bad body (SPEC §10);
+/// a string that is no id is merely not found. Borrowed from the body
+/// where it has no escapes.
 #[derive(Deserialize)]
-struct Bulk {
-    ids: Vec<serde_json::Value>,
+struct Bulk<'a> {
+    #[serde(borrow)]
+    ids: Vec<Cow<'a, str>>,
+}
+
+/// A bulk answer, serialized as it is built (no JSON tree in between).
+#[derive(Serialize)]
+struct BulkAnswer<'a> {
+    items: Vec<StatusView>,
+    not_found: Vec<&'a str>,
 }
 
 /// The largest bulk body: 1,000 ids and room for whitespace.
@@ -131,30 +142,29 @@ pub async fn bulk(
     let caller = single_header(&req, "authorization")
         .ok()
         .map(|credential| credential_hash(state.store.salt(), credential));
-    // Ids are strings: anything else is a bad body (SPEC §10); a string
-    // that is no id is merely not found.
-    let parsed: Vec<(String, Option<RequestId>)> = asked
+    let parsed: Vec<(&str, Option<RequestId>)> = asked
         .ids
         .iter()
-        .map(|v| v.as_str().map(|s| (s.to_string(), s.parse().ok())))
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
+        .map(|raw| (raw.as_ref(), raw.parse().ok()))
+        .collect();
     let prefer = Prefer::of(&req, state.max_wait);
     // Another credential's id may not be held for: it is "not found".
     if let (Some(wait), Some(caller)) = (prefer.wait, &caller) {
         let ids: Vec<RequestId> = parsed.iter().filter_map(|(_, id)| *id).collect();
         until_settled(&state, &ids, caller, wait).await;
     }
-    let mut items = Vec::new();
-    let mut not_found = Vec::new();
+    let mut answer = BulkAnswer {
+        items: Vec::with_capacity(parsed.len()),
+        not_found: Vec::new(),
+    };
     for (raw, id) in parsed {
         let rec = match (id, &caller) {
             (Some(id), Some(caller)) => visible(&state, &id, caller).await?,
             _ => None,
         };
         match rec {
-            Some(rec) => items.push(StatusView::new(&rec, &state).await?),
-            None => not_found.push(raw),
+            Some(rec) => answer.items.push(StatusView::new(&rec, &state).await?),
+            None => answer.not_found.push(raw),
         }
     }
     let mut res = HttpResponse::Ok();
@@ -163,5 +173,5 @@ pub async fn bulk(
     }
     Ok(res
         .insert_header(header::CacheControl(vec![header::CacheDirective::NoStore]))
-        .json(json!({"items": items, "not_found": not_found})))
+        .json(answer))
 }
