@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::Transaction;
+use deadpool_postgres::Transaction;
 use tokio_postgres::error::SqlState;
 
 use super::row::{self, COLS, Fixed, big, small};
@@ -89,7 +89,12 @@ impl PgStore {
                      RETURNING {}",
                     qualified("requests")
                 );
-                let rows = c.query(&sql, &[&names, &counts, &big(now_ms)]).await?;
+                let rows = c
+                    .query(
+                        &c.prepare_cached(&sql).await?,
+                        &[&names, &counts, &big(now_ms)],
+                    )
+                    .await?;
                 rows.iter().map(row::record).collect::<Result<Vec<_>, _>>()
             })
             .await?;
@@ -157,7 +162,7 @@ impl PgStore {
             let tx = c.transaction().await?;
             let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 FOR UPDATE");
             let mut report = Recovered::default();
-            for r in tx.query(&sql, &[]).await? {
+            for r in tx.query(&tx.prepare_cached(&sql).await?, &[]).await? {
                 let rec = row::record(&r)?;
                 let (id, claims) = (rec.id, rec.claims);
                 let op = if crate::model::is_idempotent(&rec.method) {
@@ -195,7 +200,7 @@ impl PgStore {
                     started_ms = NULL, finished_ms = NULL, expires_ms = NULL
                  WHERE id = $1 AND status = 3 RETURNING {COLS}"
             );
-            c.query_opt(&sql, &[&&id.0[..]])
+            c.query_opt(&c.prepare_cached(&sql).await?, &[&&id.0[..]])
                 .await?
                 .as_ref()
                 .map(row::record)
@@ -209,7 +214,10 @@ impl PgStore {
         let waiters = self.waiters.clone();
         self.with(move |c| async move {
             let sql = "DELETE FROM requests WHERE id = $1 AND status IN (2, 3)";
-            let gone = c.execute(sql, &[&&id.0[..]]).await? > 0;
+            let gone = c
+                .execute(&c.prepare_cached(sql).await?, &[&&id.0[..]])
+                .await?
+                > 0;
             if gone {
                 waiters.wake([id]);
             }
@@ -226,14 +234,21 @@ impl PgStore {
         self.with(move |mut c| async move {
             let tx = c.transaction().await?;
             let sql = "SELECT status FROM requests WHERE id = $1 FOR UPDATE";
-            let Some(r) = tx.query_opt(sql, &[&&id.0[..]]).await? else {
+            let Some(r) = tx
+                .query_opt(&tx.prepare_cached(sql).await?, &[&&id.0[..]])
+                .await?
+            else {
                 return Ok(false);
             };
             if row::status(r.try_get(0)?)? == Status::Started {
                 return Err(StoreError::InFlight);
             }
-            tx.execute("DELETE FROM requests WHERE id = $1", &[&&id.0[..]])
-                .await?;
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM requests WHERE id = $1")
+                    .await?,
+                &[&&id.0[..]],
+            )
+            .await?;
             tx.commit().await?;
             waiters.wake([id]);
             Ok(true)
@@ -252,7 +267,10 @@ impl PgStore {
                     ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
                 RETURNING id";
             let ids = c
-                .query(sql, &[&big(now_ms), &big(limit as u64)])
+                .query(
+                    &c.prepare_cached(sql).await?,
+                    &[&big(now_ms), &big(limit as u64)],
+                )
                 .await?
                 .iter()
                 .map(|r| row::id(r.try_get(0)?))
@@ -327,8 +345,11 @@ impl PgStore {
             let tx = c.transaction().await?;
             let taken = tx
                 .query_opt(
-                    "DELETE FROM callbacks WHERE due_ms = $1 AND id = $2
+                    &tx.prepare_cached(
+                        "DELETE FROM callbacks WHERE due_ms = $1 AND id = $2
                      RETURNING event, status, attempts",
+                    )
+                    .await?,
                     &[&big(due_ms), &&id.0[..]],
                 )
                 .await?;
@@ -356,7 +377,8 @@ impl PgStore {
             // newer event's view, made meanwhile, is never overwritten.
             let state = tx
                 .query_opt(
-                    "SELECT callback_state FROM requests WHERE id = $1",
+                    &tx.prepare_cached("SELECT callback_state FROM requests WHERE id = $1")
+                        .await?,
                     &[&&id.0[..]],
                 )
                 .await?
@@ -368,8 +390,11 @@ impl PgStore {
                 if st.event == entry.event {
                     f(entry, &mut st);
                     tx.execute(
-                        "UPDATE requests SET callback_state = $2
+                        &tx.prepare_cached(
+                            "UPDATE requests SET callback_state = $2
                          WHERE id = $1 AND callback_state = $3",
+                        )
+                        .await?,
                         &[&&id.0[..], &codec::encode(&st)?, &bytes],
                     )
                     .await?;
@@ -411,7 +436,10 @@ async fn insert(
         // Read, not locked: a lock on a queued request would make a claim
         // skip it (SKIP LOCKED). The unique index decides races.
         let sql = format!("SELECT {COLS} FROM requests WHERE lane = $1 AND idem_key = $2");
-        if let Some(r) = tx.query_opt(&sql, &[&lane, &&idem.key[..]]).await? {
+        if let Some(r) = tx
+            .query_opt(&tx.prepare_cached(&sql).await?, &[&lane, &&idem.key[..]])
+            .await?
+        {
             let first = match row::record(&r) {
                 Ok(rec) => rec,
                 Err(e) => return Ok(Err(e)),
@@ -428,7 +456,10 @@ async fn insert(
             // Past its retention (so finished: never a claim's row): the
             // key is free again.
             tx.execute(
-                "UPDATE requests SET idem_key = NULL WHERE id = $1 AND expires_ms <= $2",
+                &tx.prepare_cached(
+                    "UPDATE requests SET idem_key = NULL WHERE id = $1 AND expires_ms <= $2",
+                )
+                .await?,
                 &[&&first.id.0[..], &big(new.now_ms)],
             )
             .await?;
@@ -437,13 +468,19 @@ async fn insert(
     if let Some(cap) = new.max_pending {
         // The lane's row serializes capped submissions to it.
         tx.execute(
-            "INSERT INTO lanes (lane) VALUES ($1)
+            &tx.prepare_cached(
+                "INSERT INTO lanes (lane) VALUES ($1)
              ON CONFLICT (lane) DO UPDATE SET lane = excluded.lane",
+            )
+            .await?,
             &[&lane],
         )
         .await?;
         let n: i64 = tx
-            .query_one(super::reads::PENDING_UP_TO, &[&lane, &big(cap)])
+            .query_one(
+                &tx.prepare_cached(super::reads::PENDING_UP_TO).await?,
+                &[&lane, &big(cap)],
+            )
             .await?
             .get(0);
         if n.max(0) as u64 >= cap {
@@ -459,7 +496,7 @@ async fn insert(
     );
     let r = tx
         .query_one(
-            &sql,
+            &tx.prepare_cached(&sql).await?,
             &[
                 &&new.id.0[..],
                 &lane,
@@ -481,7 +518,13 @@ async fn settle_in(tx: &Transaction<'_>, op: &Settle) -> Result<bool, StoreError
         let sql = format!(
             "SELECT {COLS} FROM requests WHERE id = $1 AND status = 1 AND claims = $2 FOR UPDATE"
         );
-        async move { tx.query_opt(&sql, &[&&id.0[..], &small(claims)]).await }
+        async move {
+            tx.query_opt(
+                &tx.prepare_cached(&sql).await?,
+                &[&&id.0[..], &small(claims)],
+            )
+            .await
+        }
     };
     match *op {
         Settle::Requeue { claims, sent, .. } => {
@@ -489,7 +532,10 @@ async fn settle_in(tx: &Transaction<'_>, op: &Settle) -> Result<bool, StoreError
             let sql = "UPDATE requests SET status = 0, started_ms = NULL, attempts = attempts + $3
                        WHERE id = $1 AND status = 1 AND claims = $2";
             let n = tx
-                .execute(sql, &[&&id.0[..], &small(claims), &i32::from(sent)])
+                .execute(
+                    &tx.prepare_cached(sql).await?,
+                    &[&&id.0[..], &small(claims), &i32::from(sent)],
+                )
                 .await?;
             Ok(n > 0)
         }
@@ -515,7 +561,7 @@ async fn settle_in(tx: &Transaction<'_>, op: &Settle) -> Result<bool, StoreError
                     outcome = $5, response_head = $6, response_body = $7, callback_state = $8
                  WHERE id = $1";
             tx.execute(
-                sql,
+                &tx.prepare_cached(sql).await?,
                 &[
                     &&id.0[..],
                     &big(done.sent_ms),
@@ -545,7 +591,7 @@ async fn settle_in(tx: &Transaction<'_>, op: &Settle) -> Result<bool, StoreError
                     attempts = attempts + 1, callback_state = $4
                  WHERE id = $1";
             tx.execute(
-                sql,
+                &tx.prepare_cached(sql).await?,
                 &[
                     &&id.0[..],
                     &big(now_ms),
@@ -592,9 +638,9 @@ async fn schedule(
     attempts: u32,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO callbacks (due_ms, id, event, status, attempts) VALUES ($1, $2, $3, $4, $5)
+        &tx.prepare_cached("INSERT INTO callbacks (due_ms, id, event, status, attempts) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (due_ms, id) DO UPDATE
-         SET event = excluded.event, status = excluded.status, attempts = excluded.attempts",
+         SET event = excluded.event, status = excluded.status, attempts = excluded.attempts").await?,
         &[
             &big(due_ms),
             &&id.0[..],

@@ -14,7 +14,7 @@ impl PgStore {
     pub async fn get(&self, id: RequestId) -> Result<Option<RequestRecord>, StoreError> {
         self.with(move |c| async move {
             let sql = format!("SELECT {COLS} FROM requests WHERE id = $1");
-            c.query_opt(&sql, &[&&id.0[..]])
+            c.query_opt(&c.prepare_cached(&sql).await?, &[&&id.0[..]])
                 .await?
                 .as_ref()
                 .map(row::record)
@@ -26,7 +26,11 @@ impl PgStore {
     pub async fn request_body(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
         self.with(move |c| async move {
             let row = c
-                .query_opt("SELECT body FROM requests WHERE id = $1", &[&&id.0[..]])
+                .query_opt(
+                    &c.prepare_cached("SELECT body FROM requests WHERE id = $1")
+                        .await?,
+                    &[&&id.0[..]],
+                )
                 .await?;
             Ok(row
                 .map(|r| r.try_get::<_, Option<Vec<u8>>>(0))
@@ -45,7 +49,7 @@ impl PgStore {
                 let sql = format!(
                     "SELECT id, sealed FROM requests WHERE {status} AND sealed <> ''::bytea LIMIT 1"
                 );
-                if let Some(r) = c.query_opt(&sql, &[]).await? {
+                if let Some(r) = c.query_opt(&c.prepare_cached(&sql).await?, &[]).await? {
                     return Ok(Some((row::id(r.try_get(0)?)?, r.try_get(1)?)));
                 }
             }
@@ -61,7 +65,10 @@ impl PgStore {
         self.with(move |c| async move {
             let sql = "SELECT response_head, response_body FROM requests
                        WHERE id = $1 AND response_head IS NOT NULL";
-            let Some(r) = c.query_opt(sql, &[&&id.0[..]]).await? else {
+            let Some(r) = c
+                .query_opt(&c.prepare_cached(sql).await?, &[&&id.0[..]])
+                .await?
+            else {
                 return Ok(None);
             };
             let head: ResponseHead = codec::decode(r.try_get::<_, &[u8]>(0)?)?;
@@ -83,7 +90,7 @@ impl PgStore {
                             ORDER BY r.lane, r.seq LIMIT 1)
                     FROM l WHERE l.lane IS NOT NULL)
                 SELECT lane FROM l WHERE lane IS NOT NULL";
-            c.query(sql, &[])
+            c.query(&c.prepare_cached(sql).await?, &[])
                 .await?
                 .iter()
                 .map(|r| row::lane(r.try_get(0)?))
@@ -95,7 +102,12 @@ impl PgStore {
     /// Counted on the queue index up to `n` at most.
     pub async fn pending_at_least(&self, lane: LaneKey, n: u64) -> Result<bool, StoreError> {
         self.with(move |c| async move {
-            let held = c.query_one(PENDING_UP_TO, &[&&lane[..], &big(n)]).await?;
+            let held = c
+                .query_one(
+                    &c.prepare_cached(PENDING_UP_TO).await?,
+                    &[&&lane[..], &big(n)],
+                )
+                .await?;
             Ok(held.try_get::<_, i64>(0)?.max(0) as u64 >= n)
         })
         .await
@@ -114,11 +126,14 @@ impl PgStore {
             );
             let after = after.map_or(Vec::new(), |id| id.0.to_vec());
             let limit = big(limit as u64);
-            c.query(&sql, &[&row::code(status), &after, &limit])
-                .await?
-                .iter()
-                .map(row::record)
-                .collect()
+            c.query(
+                &c.prepare_cached(&sql).await?,
+                &[&row::code(status), &after, &limit],
+            )
+            .await?
+            .iter()
+            .map(row::record)
+            .collect()
         })
         .await
     }
@@ -128,7 +143,7 @@ impl PgStore {
             .with(move |c| async move {
                 let sql = "SELECT status, count(*) FROM requests GROUP BY status";
                 let mut out = Vec::new();
-                for r in c.query(sql, &[]).await? {
+                for r in c.query(&c.prepare_cached(sql).await?, &[]).await? {
                     out.push((row::status(r.try_get(0)?)?, r.try_get::<_, i64>(1)?));
                 }
                 Ok(out)
@@ -154,7 +169,10 @@ impl PgStore {
 
     async fn first(&self, sql: &'static str) -> Result<Option<u64>, StoreError> {
         self.with(move |c| async move {
-            let at: Option<i64> = c.query_one(sql, &[]).await?.try_get(0)?;
+            let at: Option<i64> = c
+                .query_one(&c.prepare_cached(sql).await?, &[])
+                .await?
+                .try_get(0)?;
             Ok(at.map(|v| v.max(0) as u64))
         })
         .await
@@ -169,7 +187,13 @@ impl PgStore {
             let sql = "SELECT due_ms, id, event, status, attempts FROM callbacks
                        WHERE due_ms <= $1 ORDER BY due_ms, id LIMIT $2";
             let mut out = Vec::new();
-            for r in c.query(sql, &[&big(now_ms), &big(limit as u64)]).await? {
+            for r in c
+                .query(
+                    &c.prepare_cached(sql).await?,
+                    &[&big(now_ms), &big(limit as u64)],
+                )
+                .await?
+            {
                 let entry = CallbackEntry {
                     event: r.try_get::<_, i32>(2)?.max(0) as u32,
                     status: row::status(r.try_get(3)?)?,
@@ -191,7 +215,13 @@ impl PgStore {
     ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
         self.with(move |c| async move {
             let sql = format!("SELECT {COLS} FROM requests WHERE lane = $1 AND idem_key = $2");
-            let Some(r) = c.query_opt(&sql, &[&&lane[..], &&idem.key[..]]).await? else {
+            let Some(r) = c
+                .query_opt(
+                    &c.prepare_cached(&sql).await?,
+                    &[&&lane[..], &&idem.key[..]],
+                )
+                .await?
+            else {
                 return Ok(None);
             };
             let rec = row::record(&r)?;
@@ -208,7 +238,7 @@ impl PgStore {
         self.with(move |c| async move {
             let sql = "SELECT count(*) FROM requests WHERE lane = $1 AND status = 0 AND seq < $2";
             let n: i64 = c
-                .query_one(sql, &[&&lane[..], &big(seq)])
+                .query_one(&c.prepare_cached(sql).await?, &[&&lane[..], &big(seq)])
                 .await?
                 .try_get(0)?;
             Ok(n.max(0) as u64)
