@@ -85,3 +85,28 @@ pub struct Recovered {
     pub requeued: usize,
     pub unknown: usize,
 }
+
+impl Recovered {
+    /// How start-up recovery settles a request found `started` (SPEC §6),
+    /// counted: a safe method back to its place in its lane (it may have
+    /// been sent: that counts as an attempt), anything else `unknown`.
+    pub fn settle(&mut self, rec: &RequestRecord, now_ms: u64, keep_ms: u64) -> Settle {
+        let (id, claims) = (rec.id, rec.claims);
+        if crate::model::is_idempotent(&rec.method) {
+            self.requeued += 1;
+            Settle::Requeue {
+                id,
+                claims,
+                sent: true,
+            }
+        } else {
+            self.unknown += 1;
+            Settle::Unknown {
+                id,
+                claims,
+                now_ms,
+                keep_ms,
+            }
+        }
+    }
+}

@@ -228,24 +228,7 @@ impl SledStore {
         let mut report = Recovered::default();
         let mut changes = Vec::new();
         for rec in self.list(Status::Started, None, usize::MAX)? {
-            let (id, claims) = (rec.id, rec.claims);
-            let op = if crate::model::is_idempotent(&rec.method) {
-                report.requeued += 1;
-                // It may have been sent: it counts as an attempt.
-                Settle::Requeue {
-                    id,
-                    claims,
-                    sent: true,
-                }
-            } else {
-                report.unknown += 1;
-                Settle::Unknown {
-                    id,
-                    claims,
-                    now_ms,
-                    keep_ms: unknown_keep_ms,
-                }
-            };
+            let op = report.settle(&rec, now_ms, unknown_keep_ms);
             changes.push(op.into_change()?);
         }
         if !changes.is_empty() {

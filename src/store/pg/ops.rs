@@ -164,23 +164,7 @@ impl PgStore {
             let mut report = Recovered::default();
             for r in tx.query(&tx.prepare_cached(&sql).await?, &[]).await? {
                 let rec = row::record(&r)?;
-                let (id, claims) = (rec.id, rec.claims);
-                let op = if crate::model::is_idempotent(&rec.method) {
-                    report.requeued += 1;
-                    Settle::Requeue {
-                        id,
-                        claims,
-                        sent: true,
-                    }
-                } else {
-                    report.unknown += 1;
-                    Settle::Unknown {
-                        id,
-                        claims,
-                        now_ms,
-                        keep_ms: unknown_keep_ms,
-                    }
-                };
+                let op = report.settle(&rec, now_ms, unknown_keep_ms);
                 settle_in(&tx, &op).await?;
             }
             tx.commit().await?;
