@@ -25,6 +25,7 @@ mod ops;
 mod reads;
 mod row;
 mod schema;
+mod tx;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
