@@ -136,3 +136,55 @@ fn ulid_hex(id: &str) -> String {
     let n = ulid::Ulid::from_string(id).expect("an id").0;
     format!("{n:032x}")
 }
+
+#[actix_web::test]
+async fn losing_the_database_lock_stops_the_gateway_and_a_restart_finds_everything() {
+    let (_dir, data, log) = crate::process::data_and_log();
+    let test = "losing_the_database_lock_stops_the_gateway_and_a_restart_finds_everything";
+    let Some(url) = database(&data, test) else {
+        return;
+    };
+    let up = Fake::start_with(|_, _| Reply::status(429).header("Retry-After", b"3600")).await;
+    let p = crate::process::Proc::start(&up.url(), &data, &log, &[]).await;
+    let client = awc::Client::default();
+    let mut res = client
+        .post(format!("{}/async_api/v2/kept.json", p.base))
+        .insert_header(("Authorization", "Bearer kept"))
+        .send_body("{\"n\": 1}")
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Every connection of the gateway's, the one holding its lock too,
+    // is ended by the server (a restart, a failover would do the same).
+    let (_, name) = url.rsplit_once('/').unwrap();
+    psql(
+        &url.replace(name, "postgres"),
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        ),
+    );
+    let (clean, _) = p.wait_exit(SECS(20)).await;
+    assert!(!clean, "a gateway without its lock exits non-zero");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("holding this gateway's lock"),
+        "{log_text}"
+    );
+    // Its supervisor starts it again: the request is there, queued.
+    let p = crate::process::Proc::start(&up.url(), &data, &log, &[]).await;
+    let mut res = client
+        .get(format!("{}/async_api/v2/requests/{id}.json", p.base))
+        .insert_header(("Authorization", "Bearer kept"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let s = res.json::<serde_json::Value>().await.unwrap();
+    assert!(s["status"] == "enqueued" || s["status"] == "started", "{s}");
+    p.kill9();
+}
