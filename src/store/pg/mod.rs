@@ -79,7 +79,18 @@ impl From<tokio_postgres::Error> for StoreError {
         if e.code() == Some(&SqlState::DISK_FULL) {
             return StoreError::NoSpace;
         }
-        StoreError::Postgres(e.to_string())
+        StoreError::Postgres(describe(&e))
+    }
+}
+
+/// The error with what caused it: tokio-postgres says only "db error" or
+/// "error connecting to server" and keeps the server's message (or the
+/// I/O error) as its source.
+fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error;
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 
@@ -129,7 +140,7 @@ impl PgStore {
                 .keepalives_retries(3)
                 .tcp_user_timeout(STATEMENT_TIMEOUT);
             let (holder, connection) = pg.connect(NoTls).await.map_err(|e| {
-                StoreError::Unavailable(format!("cannot connect to the database: {e}"))
+                StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
             })?;
             // Without its lock a second gateway could start on the database:
             // losing it stops this one (its supervisor restarts it, and the
