@@ -27,6 +27,7 @@ mod row;
 mod schema;
 mod tx;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +39,7 @@ use tokio_postgres::error::SqlState;
 use super::StoreError;
 use super::fatal::Fatal;
 use super::waiters::Waiters;
+use crate::model::RequestId;
 
 /// Connections to the database. A submission holds one for its
 /// transaction only (a few round trips and a commit), so a few serve many
@@ -72,6 +74,9 @@ pub struct PgStore {
     /// they finished right after the commit, whether or not whoever asked
     /// for the change is still there to hear of it.
     waiters: Arc<Waiters>,
+    /// The bodies of claimed requests, read with their claim: taken by
+    /// the attempt (`request_body`) or dropped when it settles.
+    claimed: Mutex<HashMap<RequestId, Vec<u8>>>,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -204,6 +209,7 @@ impl PgStore {
             salt,
             fatal,
             waiters: Arc::default(),
+            claimed: Mutex::default(),
         })
     }
 
@@ -225,6 +231,10 @@ impl PgStore {
             Ok(())
         })
         .await
+    }
+
+    fn lock_claimed(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Vec<u8>>> {
+        self.claimed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn waiters(&self) -> &Waiters {

@@ -85,7 +85,7 @@ impl PgStore {
                             FOR UPDATE SKIP LOCKED) q)
                      UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3
                      FROM picked WHERE requests.id = picked.id
-                     RETURNING {}",
+                     RETURNING {}, requests.body",
                     qualified("requests")
                 );
                 let rows = c
@@ -94,11 +94,19 @@ impl PgStore {
                         &[&names, &counts, &big(now_ms)],
                     )
                     .await?;
-                rows.iter().map(row::record).collect::<Result<Vec<_>, _>>()
+                let body_at = row::COLS.split(", ").count();
+                rows.iter()
+                    .map(|r| {
+                        let body: Option<Vec<u8>> = r.try_get(body_at)?;
+                        Ok((row::record(r)?, body.unwrap_or_default()))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
             })
             .await?;
         let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
-        for rec in got {
+        let mut bodies = self.lock_claimed();
+        for (rec, body) in got {
+            bodies.insert(rec.id, body);
             by_lane.entry(rec.lane).or_default().push(rec);
         }
         for recs in by_lane.values_mut() {
@@ -121,6 +129,9 @@ impl PgStore {
     /// `started`: this tries until it commits, backing off up to 5 s, and
     /// gives up only when the store has failed for good.
     pub async fn settle(&self, op: Settle) -> Result<bool, StoreError> {
+        // An attempt that ended before it read its body (a credential that
+        // would not unseal) leaves nothing behind.
+        self.lock_claimed().remove(&settled_id(&op));
         let op = Arc::new(op);
         let mut pause = Duration::from_millis(100);
         loop {
