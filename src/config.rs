@@ -94,7 +94,8 @@ pub struct GatewayArgs {
     /// Keep every piece of state in one PostgreSQL database instead of
     /// --data-dir: `postgres://user:password@host:port/database` [default:
     /// the embedded store in --data-dir].
-    #[arg(long, env = "ASYNCGATE_STORE", value_parser = parse_store_url)]
+    // The URL may hold a password: its value is never shown in --help.
+    #[arg(long, env = "ASYNCGATE_STORE", value_parser = parse_store_url, hide_env_values = true)]
     pub store: Option<String>,
 
     /// Key that seals stored credentials [default: <data-dir>.key]. Created
