@@ -13,10 +13,9 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalTree};
 
 use super::keys;
-use super::{CallbackEntry, Claim, StoreError, codec};
+use super::{Claim, StoreError, codec};
 use crate::model::{
-    BodyRef, CallbackPhase, CallbackState, Idempotency, LaneKey, Outcome, RequestId, RequestRecord,
-    ResponseRefs, Status,
+    BodyRef, Idempotency, LaneKey, Outcome, RequestId, RequestRecord, ResponseRefs, Status,
 };
 
 pub(super) const RECORDS: usize = 0;
@@ -183,14 +182,17 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    fn record(&self, id: &RequestId) -> TxResult<Result<Option<RequestRecord>, StoreError>> {
+    pub(super) fn record(
+        &self,
+        id: &RequestId,
+    ) -> TxResult<Result<Option<RequestRecord>, StoreError>> {
         Ok(match self.t(RECORDS).get(id.as_bytes())? {
             Some(v) => codec::decode(&v).map(Some),
             None => Ok(None),
         })
     }
 
-    fn put(&self, rec: &RequestRecord) -> TxResult<()> {
+    pub(super) fn put(&self, rec: &RequestRecord) -> TxResult<()> {
         let v = codec::encode(rec).map_err(Conflict::Abort)?;
         self.t(RECORDS).insert(rec.id.as_bytes(), v)?;
         Ok(())
@@ -436,54 +438,9 @@ impl<'a> Tx<'a> {
                 self.put(&rec)?;
                 Applied::Requeued(Some(Box::new(rec)))
             }
-            Change::CallbackDone { due_ms, id, code } => {
-                let Some(entry) = self.take_callback(*due_ms, id)? else {
-                    return Ok(Applied::Changed(false));
-                };
-                self.callback_progress(id, entry, |st| {
-                    st.attempts += 1;
-                    st.last_http_code = *code;
-                    st.next_attempt_ms = None;
-                    if code.is_some() {
-                        st.phase = CallbackPhase::Delivered;
-                    }
-                })?;
-                Applied::Changed(true)
-            }
-            Change::CallbackRetry {
-                due_ms,
-                id,
-                next_ms,
-                code,
-            } => {
-                let Some(mut entry) = self.take_callback(*due_ms, id)? else {
-                    return Ok(Applied::Changed(false));
-                };
-                entry.attempts += 1;
-                let v = codec::encode(&entry).map_err(Conflict::Abort)?;
-                self.t(CALLBACKS)
-                    .insert(&keys::timed(*next_ms, id)[..], v)?;
-                self.callback_progress(id, entry, |st| {
-                    st.attempts = entry.attempts;
-                    st.last_http_code = *code;
-                    st.next_attempt_ms = Some(*next_ms);
-                })?;
-                Applied::Changed(true)
-            }
-            Change::CallbackGaveUp { due_ms, id, last } => {
-                let Some(entry) = self.take_callback(*due_ms, id)? else {
-                    return Ok(Applied::Changed(false));
-                };
-                self.callback_progress(id, entry, |st| {
-                    st.phase = CallbackPhase::GaveUp;
-                    st.next_attempt_ms = None;
-                    if let Some(code) = last {
-                        st.attempts = entry.attempts + 1;
-                        st.last_http_code = *code;
-                    }
-                })?;
-                Applied::Changed(true)
-            }
+            Change::CallbackDone { .. }
+            | Change::CallbackRetry { .. }
+            | Change::CallbackGaveUp { .. } => self.apply_callback(change)?,
         })
     }
 
@@ -512,57 +469,6 @@ impl<'a> Tx<'a> {
             // A stale entry: taken over.
             _ => None,
         })
-    }
-
-    /// A new callback event for `rec` (if it has a callback URL), due now.
-    fn call_back(&self, rec: &mut RequestRecord, status: Status, now_ms: u64) -> TxResult<()> {
-        if rec.callback.is_none() {
-            return Ok(());
-        }
-        let event = rec.callback_state.map_or(0, |s| s.event) + 1;
-        let entry = CallbackEntry {
-            event,
-            status,
-            attempts: 0,
-        };
-        let v = codec::encode(&entry).map_err(Conflict::Abort)?;
-        self.t(CALLBACKS)
-            .insert(&keys::timed(now_ms, &rec.id)[..], v)?;
-        rec.callback_state = Some(CallbackState {
-            event,
-            status,
-            phase: CallbackPhase::Pending,
-            attempts: 0,
-            last_http_code: None,
-            next_attempt_ms: Some(now_ms),
-        });
-        Ok(())
-    }
-
-    /// Takes a pending callback entry out.
-    fn take_callback(&self, due_ms: u64, id: &RequestId) -> TxResult<Option<CallbackEntry>> {
-        Ok(self
-            .t(CALLBACKS)
-            .remove(&keys::timed(due_ms, id)[..])?
-            .map(|v| callback_entry(&v)))
-    }
-
-    /// Updates the record's view of its callback, if `entry` is its latest
-    /// event (an older one still delivering leaves the view alone).
-    fn callback_progress(
-        &self,
-        id: &RequestId,
-        entry: CallbackEntry,
-        f: impl FnOnce(&mut CallbackState),
-    ) -> TxResult<()> {
-        let Ok(Some(mut rec)) = self.record(id)? else {
-            return Ok(());
-        };
-        match &mut rec.callback_state {
-            Some(st) if st.event == entry.event => f(st),
-            _ => return Ok(()),
-        }
-        self.put(&rec)
     }
 
     /// Takes the lane entry `(lane, seq)` if it still names `id`, and makes
@@ -624,13 +530,4 @@ impl<'a> Tx<'a> {
         self.t(RECORDS).remove(id.as_bytes())?;
         Ok(true)
     }
-}
-
-/// A `callbacks` value.
-pub(super) fn callback_entry(v: &[u8]) -> CallbackEntry {
-    codec::decode(v).unwrap_or(CallbackEntry {
-        event: 1,
-        status: Status::Done,
-        attempts: 0,
-    })
 }

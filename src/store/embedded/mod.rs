@@ -28,6 +28,7 @@
 //! them and the checkpoint is past them: retention drops time-ordered
 //! ranges of `expiry` in one change each, and the files go with them.
 
+mod callbacks;
 mod change;
 mod journal;
 mod keys;

@@ -6,7 +6,7 @@ use sled::IVec;
 
 use super::CallbackEntry;
 use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, IDEMPOTENCY, LANES, RECORDS};
-use super::{SledStore, StoreError, codec, keys};
+use super::{SledStore, StoreError, callbacks, codec, keys};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
 impl SledStore {
@@ -151,7 +151,7 @@ impl SledStore {
         Ok(self
             .due(CALLBACKS, now_ms, limit)?
             .into_iter()
-            .map(|(at, id, v)| (at, id, change::callback_entry(&v)))
+            .map(|(at, id, v)| (at, id, callbacks::callback_entry(&v)))
             .collect())
     }
 
