@@ -274,6 +274,49 @@ pub struct CallbackState {
     pub next_attempt_ms: Option<u64>,
 }
 
+/// How a callback event's view moves, the same in every store.
+impl CallbackState {
+    /// A new event, due at once.
+    pub fn pending(event: u32, status: Status, now_ms: u64) -> CallbackState {
+        CallbackState {
+            event,
+            status,
+            phase: CallbackPhase::Pending,
+            attempts: 0,
+            last_http_code: None,
+            next_attempt_ms: Some(now_ms),
+        }
+    }
+
+    /// Answered 2xx (`code`), or moot (`None`: its request is gone).
+    pub fn finished(&mut self, code: Option<u16>) {
+        self.attempts += 1;
+        self.last_http_code = code;
+        self.next_attempt_ms = None;
+        if code.is_some() {
+            self.phase = CallbackPhase::Delivered;
+        }
+    }
+
+    /// `attempts` made, the last answered `code`, the next at `next_ms`.
+    pub fn retrying(&mut self, attempts: u32, code: Option<u16>, next_ms: u64) {
+        self.attempts = attempts;
+        self.last_http_code = code;
+        self.next_attempt_ms = Some(next_ms);
+    }
+
+    /// Given up after `attempts` tries; `last`: a final try that failed
+    /// (with the receiver's code, if it answered), counted.
+    pub fn gave_up(&mut self, attempts: u32, last: Option<Option<u16>>) {
+        self.phase = CallbackPhase::GaveUp;
+        self.next_attempt_ms = None;
+        if let Some(code) = last {
+            self.attempts = attempts + 1;
+            self.last_http_code = code;
+        }
+    }
+}
+
 impl RequestRecord {
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_ms.is_some_and(|e| now_ms >= e)

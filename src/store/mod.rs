@@ -108,14 +108,6 @@ impl Store {
         Ok(Store { backend })
     }
 
-    /// The embedded store, for tests and benches that look inside.
-    pub fn sled(&self) -> Option<&SledStore> {
-        match &self.backend {
-            Backend::Sled(s) => Some(s),
-            Backend::Pg(_) => None,
-        }
-    }
-
     /// Per installation (data dir or database): credentials hash
     /// differently in every one.
     pub fn salt(&self) -> &[u8; 32] {
@@ -272,14 +264,6 @@ impl Store {
         match &self.backend {
             Backend::Sled(s) => s.counts(),
             Backend::Pg(s) => s.counts().await,
-        }
-    }
-
-    /// When the earliest pending callback is due.
-    pub async fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
-        match &self.backend {
-            Backend::Sled(s) => s.next_callback_due(),
-            Backend::Pg(s) => s.next_callback_due().await,
         }
     }
 

@@ -70,6 +70,23 @@ fn help_documents_every_flag_with_its_environment_variable() {
 }
 
 #[test]
+fn help_never_shows_the_store_url_or_admin_token_from_the_environment() {
+    let out = bin()
+        .args(["serve", "--help"])
+        .env(
+            "ASYNCGATE_STORE",
+            "postgres://gw:S3CRETPASSWORD@db/asyncgate",
+        )
+        .env("ASYNCGATE_ADMIN_TOKEN", "ADMINS3CRET")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("ASYNCGATE_STORE"), "{help}");
+    assert!(!help.contains("S3CRETPASSWORD"), "{help}");
+    assert!(!help.contains("ADMINS3CRET"), "{help}");
+}
+
+#[test]
 fn serve_without_an_upstream_refuses_to_start() {
     let out = bin()
         .arg("serve")

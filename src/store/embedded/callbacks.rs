@@ -6,7 +6,7 @@ use sled::transaction::ConflictableTransactionError as Conflict;
 
 use super::change::{Applied, CALLBACKS, Change, Tx, TxResult};
 use super::{CallbackEntry, codec, keys};
-use crate::model::{CallbackPhase, CallbackState, RequestId, RequestRecord, Status};
+use crate::model::{CallbackState, RequestId, RequestRecord, Status};
 
 impl Tx<'_> {
     /// A callback's progress (`CallbackDone`, `CallbackRetry`,
@@ -17,14 +17,7 @@ impl Tx<'_> {
                 let Some(entry) = self.take_callback(*due_ms, id)? else {
                     return Ok(Applied::Changed(false));
                 };
-                self.callback_progress(id, entry, |st| {
-                    st.attempts += 1;
-                    st.last_http_code = *code;
-                    st.next_attempt_ms = None;
-                    if code.is_some() {
-                        st.phase = CallbackPhase::Delivered;
-                    }
-                })?;
+                self.callback_progress(id, entry, |st| st.finished(*code))?;
                 Applied::Changed(true)
             }
             Change::CallbackRetry {
@@ -41,9 +34,7 @@ impl Tx<'_> {
                 self.t(CALLBACKS)
                     .insert(&keys::timed(*next_ms, id)[..], v)?;
                 self.callback_progress(id, entry, |st| {
-                    st.attempts = entry.attempts;
-                    st.last_http_code = *code;
-                    st.next_attempt_ms = Some(*next_ms);
+                    st.retrying(entry.attempts, *code, *next_ms)
                 })?;
                 Applied::Changed(true)
             }
@@ -51,14 +42,7 @@ impl Tx<'_> {
                 let Some(entry) = self.take_callback(*due_ms, id)? else {
                     return Ok(Applied::Changed(false));
                 };
-                self.callback_progress(id, entry, |st| {
-                    st.phase = CallbackPhase::GaveUp;
-                    st.next_attempt_ms = None;
-                    if let Some(code) = last {
-                        st.attempts = entry.attempts + 1;
-                        st.last_http_code = *code;
-                    }
-                })?;
+                self.callback_progress(id, entry, |st| st.gave_up(entry.attempts, *last))?;
                 Applied::Changed(true)
             }
             _ => Applied::Changed(false),
@@ -84,14 +68,7 @@ impl Tx<'_> {
         let v = codec::encode(&entry).map_err(Conflict::Abort)?;
         self.t(CALLBACKS)
             .insert(&keys::timed(now_ms, &rec.id)[..], v)?;
-        rec.callback_state = Some(CallbackState {
-            event,
-            status,
-            phase: CallbackPhase::Pending,
-            attempts: 0,
-            last_http_code: None,
-            next_attempt_ms: Some(now_ms),
-        });
+        rec.callback_state = Some(CallbackState::pending(event, status, now_ms));
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use tokio_postgres::error::SqlState;
 use super::row::{self, COLS, Fixed, big};
 use super::tx::{insert, qualified, schedule, settle_in, settled_id};
 use super::{PgStore, StoreError};
-use crate::model::{CallbackPhase, CallbackState, LaneKey, RequestId, RequestRecord, Status};
+use crate::model::{CallbackState, LaneKey, RequestId, RequestRecord, Status};
 use crate::store::{CallbackEntry, Claim, NewRequest, Recovered, Settle, Submitted, codec};
 
 /// Attempts of a submission that met a concurrent one with its key.
@@ -149,8 +149,12 @@ impl PgStore {
                 .await;
             match tried {
                 Ok(changed) => return Ok(changed),
-                Err(e) if self.fatal.failed().is_some() => return Err(e),
-                Err(e) => {
+                // Only the database's failures may pass (a dropped
+                // connection, a failover, a timeout); a row that cannot be
+                // read, or a store that failed for good, will not mend.
+                Err(e @ (StoreError::Postgres(_) | StoreError::Unavailable(_)))
+                    if self.fatal.failed().is_none() =>
+                {
                     log::warn!(
                         "settling request {} failed ({e}); trying again in {pause:?}",
                         settled_id(&op)
@@ -158,6 +162,7 @@ impl PgStore {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -282,15 +287,8 @@ impl PgStore {
         id: RequestId,
         code: Option<u16>,
     ) -> Result<(), StoreError> {
-        self.callback_change(due_ms, id, None, move |_, st| {
-            st.attempts += 1;
-            st.last_http_code = code;
-            st.next_attempt_ms = None;
-            if code.is_some() {
-                st.phase = CallbackPhase::Delivered;
-            }
-        })
-        .await
+        self.callback_change(due_ms, id, None, move |_, st| st.finished(code))
+            .await
     }
 
     pub async fn callback_retry(
@@ -301,9 +299,7 @@ impl PgStore {
         code: Option<u16>,
     ) -> Result<(), StoreError> {
         self.callback_change(due_ms, id, Some(next_ms), move |entry, st| {
-            st.attempts = entry.attempts + 1;
-            st.last_http_code = code;
-            st.next_attempt_ms = Some(next_ms);
+            st.retrying(entry.attempts + 1, code, next_ms)
         })
         .await
     }
@@ -315,12 +311,7 @@ impl PgStore {
         last: Option<Option<u16>>,
     ) -> Result<(), StoreError> {
         self.callback_change(due_ms, id, None, move |entry, st| {
-            st.phase = CallbackPhase::GaveUp;
-            st.next_attempt_ms = None;
-            if let Some(code) = last {
-                st.attempts = entry.attempts + 1;
-                st.last_http_code = code;
-            }
+            st.gave_up(entry.attempts, last)
         })
         .await
     }

@@ -162,10 +162,6 @@ impl PgStore {
             .collect())
     }
 
-    pub async fn next_callback_due(&self) -> Result<Option<u64>, StoreError> {
-        self.first("SELECT min(due_ms) FROM callbacks").await
-    }
-
     pub async fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
         self.first("SELECT min(expires_ms) FROM requests WHERE expires_ms IS NOT NULL")
             .await

@@ -6,7 +6,7 @@ use deadpool_postgres::Transaction;
 
 use super::StoreError;
 use super::row::{self, COLS, big, small};
-use crate::model::{CallbackPhase, CallbackState, RequestId, RequestRecord, ResponseHead, Status};
+use crate::model::{CallbackState, RequestId, RequestRecord, ResponseHead, Status};
 use crate::store::{NewRequest, Settle, Submitted, codec};
 
 /// Every column of `table`, qualified (an `UPDATE ... FROM` returns them).
@@ -220,14 +220,7 @@ async fn call_back(
     }
     let event = rec.callback_state.map_or(0, |s| s.event) + 1;
     schedule(tx, now_ms, &rec.id, event, status, 0).await?;
-    let state = CallbackState {
-        event,
-        status,
-        phase: CallbackPhase::Pending,
-        attempts: 0,
-        last_http_code: None,
-        next_attempt_ms: Some(now_ms),
-    };
+    let state = CallbackState::pending(event, status, now_ms);
     Ok(Some(codec::encode(&state)?))
 }
 
