@@ -188,7 +188,7 @@ impl Beat {
             let (name, id): (String, i64) = (r.get(0), r.get(1));
             log::warn!("node {name} (life {id}) is presumed dead: no heartbeat for {timeout} ms");
         }
-        let dead = "node IN (SELECT id FROM nodes WHERE dead)";
+        let dead = "SELECT id FROM nodes WHERE dead";
         let (report, told) = settle_lives(&tx, dead, &[], self.unknown_keep_ms).await?;
         tx.execute(
             "DELETE FROM nodes WHERE dead AND NOT EXISTS
@@ -216,8 +216,14 @@ impl PgStore {
                 &[&name, &id],
             )
             .await?;
-            let mine =
-                "(node IS NULL OR node IN (SELECT id FROM nodes WHERE name = $1 AND id <> $2))";
+            // Requests claimed before lives were kept (schema 1) count as
+            // this node's: one gateway held the database then.
+            tx.execute(
+                "UPDATE requests SET node = 0 WHERE status = 1 AND node IS NULL",
+                &[],
+            )
+            .await?;
+            let mine = "SELECT id FROM nodes WHERE name = $1 AND id <> $2 UNION ALL SELECT 0";
             let (report, told) = settle_lives(&tx, mine, &[&name, &id], keep_ms).await?;
             tx.commit().await?;
             notes.send_all(told);
@@ -238,7 +244,7 @@ impl PgStore {
             let tx = c.transaction().await?;
             tx.execute("UPDATE nodes SET dead = true WHERE id = $1", &[&id])
                 .await?;
-            let (report, told) = settle_lives(&tx, "node = $1", &[&id], keep).await?;
+            let (report, told) = settle_lives(&tx, "SELECT $1::bigint", &[&id], keep).await?;
             tx.execute("DELETE FROM nodes WHERE id = $1", &[&id])
                 .await?;
             tx.commit().await?;
@@ -249,17 +255,27 @@ impl PgStore {
     }
 }
 
-/// Settles the `started` requests that `which` selects, as a restart
-/// would; returns what to tell every node once it is committed (the
+/// Settles the `started` requests of the lives `lives` (a query of their
+/// ids) selects, as a restart would, and frees their callbacks' leases; returns what to tell every node once it is committed (the
 /// lanes requeued, the requests finished).
 async fn settle_lives(
     tx: &deadpool_postgres::Transaction<'_>,
-    which: &str,
+    lives: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     keep_ms: u64,
 ) -> Result<(Recovered, Vec<Note>), StoreError> {
-    let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 AND {which} FOR UPDATE");
     let now = crate::model::now_ms();
+    // Their callbacks in delivery are due again now, for whoever is alive.
+    let mut with_now = params.to_vec();
+    let at = big(now);
+    with_now.push(&at);
+    let sql = format!(
+        "UPDATE callbacks SET due_ms = ${}, leased_by = NULL WHERE leased_by IN ({lives})",
+        params.len() + 1
+    );
+    tx.execute(&sql, &with_now).await?;
+    let sql =
+        format!("SELECT {COLS} FROM requests WHERE status = 1 AND node IN ({lives}) FOR UPDATE");
     let mut report = Recovered::default();
     let mut told: Vec<Note> = Vec::new();
     for r in tx.query(&sql, params).await? {

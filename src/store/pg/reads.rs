@@ -206,8 +206,9 @@ impl PgStore {
         limit: usize,
         lease_ms: u64,
     ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
+        let node = self.node.id();
         self.with(move |c| async move {
-            let sql = "UPDATE callbacks c SET due_ms = $3 FROM (
+            let sql = "UPDATE callbacks c SET due_ms = $3, leased_by = $4 FROM (
                     SELECT due_ms, id FROM callbacks WHERE due_ms <= $1
                     ORDER BY due_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED) p
                  WHERE c.due_ms = p.due_ms AND c.id = p.id
@@ -216,7 +217,7 @@ impl PgStore {
             let rows = c
                 .query(
                     &c.prepare_cached(sql).await?,
-                    &[&big(now_ms), &big(limit as u64), &until],
+                    &[&big(now_ms), &big(limit as u64), &until, &node],
                 )
                 .await?;
             rows.iter().map(due).collect()
