@@ -197,6 +197,31 @@ impl PgStore {
         .await
     }
 
+    /// A value of `asyncgate_meta`.
+    pub async fn meta(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT value FROM asyncgate_meta WHERE key = $1";
+            Ok(c.query_opt(sql, &[&key]).await?.map(|r| r.get(0)))
+        })
+        .await
+    }
+
+    /// Sets a value of `asyncgate_meta` unless it is set; the value kept.
+    pub async fn set_meta(
+        &self,
+        key: &'static str,
+        value: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "INSERT INTO asyncgate_meta (key, value) VALUES ($1, $2)
+                       ON CONFLICT (key) DO NOTHING";
+            c.execute(sql, &[&key, &value]).await?;
+            let sql = "SELECT value FROM asyncgate_meta WHERE key = $1";
+            Ok(c.query_opt(sql, &[&key]).await?.map(|r| r.get(0)))
+        })
+        .await
+    }
+
     /// The callbacks due now, each moved `lease_ms` ahead so that no other
     /// node delivers it meanwhile (one that dies mid-delivery leaves it to
     /// the others when the lease ends); the entries as they are now.
