@@ -188,8 +188,22 @@ impl Beat {
             let (name, id): (String, i64) = (r.get(0), r.get(1));
             log::warn!("node {name} (life {id}) is presumed dead: no heartbeat for {timeout} ms");
         }
-        let dead = "SELECT id FROM nodes WHERE dead";
-        let (report, told) = settle_lives(&tx, dead, &[], self.unknown_keep_ms).await?;
+        // Whatever no live life holds: the dead ones', and those of lives
+        // already deleted (a claim that committed as its life was dying).
+        let orphaned = |col: &str| {
+            format!("NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = {col} AND NOT n.dead)")
+        };
+        let (report, told) = settle_lives(
+            &tx,
+            &orphaned("requests.node"),
+            &format!(
+                "leased_by IS NOT NULL AND {}",
+                orphaned("callbacks.leased_by")
+            ),
+            &[],
+            self.unknown_keep_ms,
+        )
+        .await?;
         tx.execute(
             "DELETE FROM nodes WHERE dead AND NOT EXISTS
                 (SELECT 1 FROM requests WHERE status = 1 AND node = nodes.id)",
@@ -218,13 +232,15 @@ impl PgStore {
             .await?;
             // Requests claimed before lives were kept (schema 1) count as
             // this node's: one gateway held the database then.
-            tx.execute(
-                "UPDATE requests SET node = 0 WHERE status = 1 AND node IS NULL",
-                &[],
+            let mine = "IN (SELECT id FROM nodes WHERE name = $1 AND id <> $2)";
+            let (report, told) = settle_lives(
+                &tx,
+                &format!("(node IS NULL OR node {mine})"),
+                &format!("leased_by {mine}"),
+                &[&name, &id],
+                keep_ms,
             )
             .await?;
-            let mine = "SELECT id FROM nodes WHERE name = $1 AND id <> $2 UNION ALL SELECT 0";
-            let (report, told) = settle_lives(&tx, mine, &[&name, &id], keep_ms).await?;
             tx.commit().await?;
             notes.send_all(told);
             Ok(report)
@@ -244,7 +260,8 @@ impl PgStore {
             let tx = c.transaction().await?;
             tx.execute("UPDATE nodes SET dead = true WHERE id = $1", &[&id])
                 .await?;
-            let (report, told) = settle_lives(&tx, "SELECT $1::bigint", &[&id], keep).await?;
+            let (report, told) =
+                settle_lives(&tx, "node = $1", "leased_by = $1", &[&id], keep).await?;
             tx.execute("DELETE FROM nodes WHERE id = $1", &[&id])
                 .await?;
             tx.commit().await?;
@@ -255,12 +272,14 @@ impl PgStore {
     }
 }
 
-/// Settles the `started` requests of the lives `lives` (a query of their
-/// ids) selects, as a restart would, and frees their callbacks' leases; returns what to tell every node once it is committed (the
+/// Settles the `started` requests that `requests` selects (a condition on
+/// their `node`), as a restart would, and frees the callbacks' leases
+/// `callbacks` selects (on their `leased_by`); returns what to tell every node once it is committed (the
 /// lanes requeued, the requests finished).
 async fn settle_lives(
     tx: &deadpool_postgres::Transaction<'_>,
-    lives: &str,
+    requests: &str,
+    callbacks: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     keep_ms: u64,
 ) -> Result<(Recovered, Vec<Note>), StoreError> {
@@ -270,12 +289,11 @@ async fn settle_lives(
     let at = big(now);
     with_now.push(&at);
     let sql = format!(
-        "UPDATE callbacks SET due_ms = ${}, leased_by = NULL WHERE leased_by IN ({lives})",
+        "UPDATE callbacks SET due_ms = ${}, leased_by = NULL WHERE {callbacks}",
         params.len() + 1
     );
     tx.execute(&sql, &with_now).await?;
-    let sql =
-        format!("SELECT {COLS} FROM requests WHERE status = 1 AND node IN ({lives}) FOR UPDATE");
+    let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 AND {requests} FOR UPDATE");
     let mut report = Recovered::default();
     let mut told: Vec<Note> = Vec::new();
     for r in tx.query(&sql, params).await? {

@@ -160,7 +160,7 @@ impl PgStore {
                             WHERE r.lane = want.lane AND r.status = 0
                             ORDER BY r.seq LIMIT want.k
                             FOR UPDATE SKIP LOCKED) q
-                        WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $4 AND NOT dead))
+                        WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $4 AND NOT dead FOR SHARE))
                      UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3, node = $4
                      FROM picked WHERE requests.id = picked.id
                      RETURNING {}, requests.body",
