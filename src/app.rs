@@ -57,6 +57,14 @@ pub struct Running {
 
 /// Starts everything; recovery is complete before the first answer.
 /// Must run inside an actix system (`#[actix_web::main]` or `::test`).
+fn limits(args: &GatewayArgs) -> Limits {
+    Limits {
+        concurrency: args.concurrency,
+        per_lane_concurrency: args.per_credential_concurrency,
+        per_lane_rps: args.per_credential_rps,
+    }
+}
+
 pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, AppError> {
     if args.concurrency == 0 || args.per_credential_concurrency == 0 {
         return Err(AppError::Config(
@@ -77,7 +85,13 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     let base = upstream::normalize_base(upstream_base)?;
     let tls = upstream::tls_config(args.upstream_ca_file.as_deref())?;
     let config = match &args.store {
-        Some(url) => StoreConfig::Postgres(PgConfig { url: url.clone() }),
+        Some(url) => StoreConfig::Postgres(PgConfig {
+            url: url.clone(),
+            data_dir: args.data_dir.clone(),
+            heartbeat_timeout: args.node_heartbeat_timeout,
+            limits: limits(args),
+            unknown_keep_ms: args.unknown_retention.as_millis() as u64,
+        }),
         None => StoreConfig::Sled(SledConfig {
             path: args.data_dir.clone(),
             cache_capacity: args.cache_capacity,
@@ -133,11 +147,7 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
         ),
         metrics: metrics.clone(),
         callbacks: callback_wake.clone(),
-        limits: Limits {
-            concurrency: args.concurrency,
-            per_lane_concurrency: args.per_credential_concurrency,
-            per_lane_rps: args.per_credential_rps,
-        },
+        limits: limits(args),
         retention: args.retention,
         unknown_retention: args.unknown_retention,
         shutdown_timeout: args.shutdown_timeout,
@@ -267,6 +277,17 @@ impl Running {
         let engine = self.dispatcher.await;
         let _ = self.callbacks.await;
         self.sweeper.stop();
+        match self.store.leave().await {
+            Ok(r) if r.requeued + r.unknown > 0 => log::warn!(
+                "left the cluster: {} safe requests still running requeued, {} marked unknown",
+                r.requeued,
+                r.unknown
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!(
+                "leaving the cluster failed ({e}); the other nodes settle this node's requests when its heartbeat times out"
+            ),
+        }
         self.store.close()?;
         if let Ok(Err(e)) = engine {
             return Err(AppError::Engine(e.to_string()));

@@ -87,7 +87,7 @@ pub struct GatewayArgs {
     pub log_format: LogFormat,
 
     /// Directory of the durable store (the embedded one; with --store,
-    /// only the default place of the credential key file).
+    /// the node's name and the default place of the credential key file).
     #[arg(long, env = "ASYNCGATE_DATA_DIR", default_value = "./asyncgate-data")]
     pub data_dir: PathBuf,
 
@@ -97,6 +97,11 @@ pub struct GatewayArgs {
     // The URL may hold a password: its value is never shown in --help.
     #[arg(long, env = "ASYNCGATE_STORE", value_parser = parse_store_url, hide_env_values = true)]
     pub store: Option<String>,
+
+    /// With --store: a node silent (no heartbeat) this long is presumed
+    /// dead, and the other nodes settle what it had started.
+    #[arg(long, env = "ASYNCGATE_NODE_HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub node_heartbeat_timeout: Duration,
 
     /// Key that seals stored credentials [default: <data-dir>.key]. Created
     /// with mode 0600 on first start; keep it out of the data dir's backups.

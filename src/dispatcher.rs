@@ -54,6 +54,11 @@ impl Pauses {
             .filter(|(until, _)| *until > now_ms())
     }
 
+    /// A pause heard from the lane's shared limits (another node's).
+    fn set(&self, lane: LaneKey, until: u64, why: PauseReason) {
+        self.lock().insert(lane, (until, why));
+    }
+
     fn publish(&self, lane: LaneKey, sched: &Scheduler) {
         let now = Instant::now();
         let mut map = self.lock();
@@ -183,6 +188,8 @@ pub async fn run(
     let mut give_up_at: Option<Instant> = None;
     let rescan_every = ctx.store.rescan_every();
     let mut rescan_at = rescan_every.map(|every| Instant::now() + every);
+    // What other nodes queued (a store several nodes share).
+    let mut remote = ctx.store.remote_queued();
     loop {
         if let (Some(at), Some(every)) = (rescan_at, rescan_every)
             && at <= Instant::now()
@@ -217,6 +224,12 @@ pub async fn run(
                     }
                     apply_event(&mut sched, &ctx.pauses, ev);
                     next = chan.rx.try_recv().ok();
+                }
+            }
+            Some(lane) = recv_opt(&mut remote) => {
+                sched.queued(lane);
+                while let Some(lane) = remote.as_mut().and_then(|r| r.try_recv().ok()) {
+                    sched.queued(lane);
                 }
             }
             _ = sleep_opt(sleep_until) => {
@@ -270,6 +283,13 @@ fn release_freed_memory() {
     }
 }
 
+async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<LaneKey>>) -> Option<LaneKey> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_opt(until: Option<Instant>) {
     match until {
         Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -309,6 +329,13 @@ async fn dispatch(
                         Claim::Skipped => {
                             sched.empty(lane);
                             sched.queued(lane);
+                        }
+                        Claim::Later { after, reason } => {
+                            sched.defer(lane, now + after);
+                            if let Some(why) = reason {
+                                let until = now_ms().saturating_add(after.as_millis() as u64);
+                                ctx.pauses.set(lane, until, why);
+                            }
                         }
                     }
                 }
@@ -429,6 +456,11 @@ async fn execute(ctx: &Context, rec: &RequestRecord) -> Feedback {
             (op, Feedback::FailedAfterSend { requeued: false })
         }
     };
+    // What the answer teaches the lane reaches every node before the slot
+    // frees: no claim in between goes out under a limit not yet learned.
+    if let Err(e) = ctx.store.paced(rec.lane, feedback).await {
+        log::warn!("request {id}: recording what the attempt teaches its lane failed ({e})");
+    }
     let done_with_callback =
         matches!(op, Settle::Complete { .. } | Settle::Unknown { .. }) && rec.callback.is_some();
     match settle(ctx, op).await {
@@ -451,6 +483,9 @@ async fn attempt(ctx: &Context, rec: &RequestRecord) -> Happened {
             sealed => ctx.sealer.unseal_credential(&rec.id, sealed)?,
         };
         let body = ctx.store.request_body(rec).await?;
+        // Last, right before sending: a node the others may have presumed
+        // dead sends nothing (they settled or will settle this claim).
+        ctx.store.may_send()?;
         Ok::<_, ExecError>((credential, body))
     };
     match prepared.await {

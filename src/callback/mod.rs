@@ -46,6 +46,9 @@ const IN_FLIGHT: usize = 256;
 const MAX_IDLE: Duration = Duration::from_secs(60);
 /// One delivery attempt, from connecting to the receiver's whole answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// On a store several nodes share, a callback being delivered is this
+/// node's for this long (past it, the node is presumed gone with it).
+const LEASE: Duration = Duration::from_secs(90);
 
 pub struct Callbacks {
     pub store: Arc<Store>,
@@ -186,7 +189,7 @@ impl Callbacks {
         // until they end: read past them.
         let due: Vec<_> = self
             .store
-            .due_callbacks(now_ms(), busy.len() + free)
+            .take_due_callbacks(now_ms(), busy.len() + free, LEASE.as_millis() as u64)
             .await?
             .into_iter()
             .filter(|(_, id, _)| !busy.contains(id))

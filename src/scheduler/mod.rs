@@ -7,6 +7,7 @@
 //! O(credentials + in flight + sends per second), never O(queue).
 
 pub mod pacing;
+mod shared;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::model::LaneKey;
 pub use pacing::{Hints, Verdict};
+pub use shared::{SharedLane, Taken};
 
 /// The sliding window for requests-per-second limits, a little over a
 /// second: sends and arrivals at the upstream are not equally spaced.
@@ -121,6 +123,9 @@ struct Lane {
     probing: bool,
     /// An entry for this lane is in `Scheduler::reap`.
     reaping: bool,
+    /// No claims before this time: the lane's shared limits (other nodes'
+    /// sends, pauses) said so.
+    not_before: Option<Instant>,
 }
 
 impl Lane {
@@ -176,6 +181,12 @@ impl Lane {
         };
         if self.in_flight >= cap {
             return Err(None);
+        }
+        if let Some(t) = self.not_before {
+            if t > now {
+                return Err(Some(t));
+            }
+            self.not_before = None;
         }
         if let Some(p) = self.paused_until {
             if p > now {
@@ -351,62 +362,80 @@ impl Scheduler {
         self.in_flight = self.in_flight.saturating_sub(1);
         let lane = self.lanes.entry(key).or_default();
         lane.in_flight = lane.in_flight.saturating_sub(1);
+        if lane.finished(now, feedback) {
+            self.queued(key);
+        } else {
+            self.went_idle(key, now);
+        }
+    }
+
+    /// The claim after `Dispatch` found that the lane may not send before
+    /// `until` (its limits as other nodes share them): the slot is
+    /// returned, and the lane waits.
+    pub fn defer(&mut self, key: LaneKey, until: Instant) {
+        self.empty(key);
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.not_before = Some(until);
+        }
+        self.queued(key);
+    }
+}
+
+impl Lane {
+    /// Learns from an attempt's end: backoff, pauses, learned limits.
+    /// True if the request is back in the lane's queue.
+    fn finished(&mut self, now: Instant, feedback: Feedback) -> bool {
         let hints = match feedback {
             Feedback::Answered(h) => {
-                lane.refusals = 0;
-                lane.outages = 0;
-                lane.probing = h.quota_exhausted;
+                self.refusals = 0;
+                self.outages = 0;
+                self.probing = h.quota_exhausted;
                 h
             }
             Feedback::Refused { retry_after, hints } => {
                 // Attempts in flight together fail together: one step each.
-                if !lane.paused_at(now) {
-                    lane.refusals += 1;
+                if !self.paused_at(now) {
+                    self.refusals += 1;
                 }
                 let (base, cap) = REFUSAL_BACKOFF;
                 let wait =
-                    retry_after.unwrap_or_else(|| pacing::doubling(base, lane.refusals, cap));
-                lane.pause(now, wait, PauseReason::RateLimited);
-                if lane.probing {
-                    lane.pause(now, PROBE_EVERY, PauseReason::QuotaExhausted);
+                    retry_after.unwrap_or_else(|| pacing::doubling(base, self.refusals, cap));
+                self.pause(now, wait, PauseReason::RateLimited);
+                if self.probing {
+                    self.pause(now, PROBE_EVERY, PauseReason::QuotaExhausted);
                 }
                 hints
             }
             Feedback::NotSent
             | Feedback::FailedAfterSend { requeued: true }
             | Feedback::Internal => {
-                if !lane.paused_at(now) {
-                    lane.outages += 1;
+                if !self.paused_at(now) {
+                    self.outages += 1;
                 }
                 let (base, cap) = OUTAGE_BACKOFF;
                 let why = match feedback {
                     Feedback::FailedAfterSend { .. } => PauseReason::Backoff,
                     _ => PauseReason::UpstreamUnreachable,
                 };
-                lane.pause(now, pacing::doubling(base, lane.outages, cap), why);
+                self.pause(now, pacing::doubling(base, self.outages, cap), why);
                 Hints::default()
             }
             Feedback::FailedAfterSend { requeued: false } => Hints::default(),
         };
         if let Some(n) = hints.rps_limit {
-            lane.learned_rps = Some(n);
+            self.learned_rps = Some(n);
         }
         if hints.second_exhausted {
-            lane.pause(now, Duration::from_secs(1), PauseReason::RateLimited);
+            self.pause(now, Duration::from_secs(1), PauseReason::RateLimited);
         }
         if hints.quota_exhausted {
-            lane.probing = true;
-            lane.pause(now, PROBE_EVERY, PauseReason::QuotaExhausted);
+            self.probing = true;
+            self.pause(now, PROBE_EVERY, PauseReason::QuotaExhausted);
         }
-        let back_in_queue = match feedback {
+        match feedback {
             Feedback::Refused { .. } | Feedback::NotSent | Feedback::Internal => true,
             Feedback::FailedAfterSend { requeued } => requeued,
             Feedback::Answered(_) => false,
-        };
-        if back_in_queue {
-            self.queued(key);
-        } else {
-            self.went_idle(key, now);
         }
     }
 }

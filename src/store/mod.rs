@@ -71,6 +71,12 @@ pub enum Claim {
     Empty,
     /// A stale lane entry was dropped; the lane may hold more.
     Skipped,
+    /// The lane's limits, as every node shares them, allow nothing more
+    /// for `after` (held by `reason` when a pause holds it).
+    Later {
+        after: std::time::Duration,
+        reason: Option<crate::scheduler::PauseReason>,
+    },
 }
 
 /// The largest record (without its body) either store keeps. sled writes a
@@ -333,6 +339,61 @@ impl Store {
         match &self.backend {
             Backend::Sled(s) => s.claim_batch(lanes, now_ms).await,
             Backend::Pg(s) => s.claim_batch(lanes, now_ms).await,
+        }
+    }
+
+    /// Teaches the lane's limits, as every node shares them, what an
+    /// attempt's end says (one node's scheduler knows it already).
+    pub async fn paced(
+        &self,
+        lane: LaneKey,
+        feedback: crate::scheduler::Feedback,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Pg(s) => s.paced(lane, feedback).await,
+        }
+    }
+
+    /// Whether this node may send upstream now: `Err` once the other
+    /// nodes may have presumed it dead (its heartbeat is overdue).
+    pub fn may_send(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Pg(s) => s.may_send(),
+        }
+    }
+
+    /// Lanes other nodes queued requests in (`None` on a store of one
+    /// node); once.
+    pub fn remote_queued(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<LaneKey>> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Pg(s) => Some(s.remote_queued()),
+        }
+    }
+
+    /// A clean stop's last change: on a store several nodes share, this
+    /// node leaves at once (what it still had started is settled as a
+    /// restart would), rather than when its heartbeat times out.
+    pub async fn leave(&self) -> Result<Recovered, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(Recovered::default()),
+            Backend::Pg(s) => s.leave().await,
+        }
+    }
+
+    /// The callbacks due now, to deliver: on a store several nodes share,
+    /// each is leased to this node for `lease_ms` (moved that far ahead).
+    pub async fn take_due_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.due_callbacks(now_ms, limit),
+            Backend::Pg(s) => s.lease_callbacks(now_ms, limit, lease_ms).await,
         }
     }
 

@@ -40,6 +40,11 @@ impl Waiters {
         }
     }
 
+    /// The requests someone waits for.
+    pub fn watched(&self) -> Vec<RequestId> {
+        self.lock().keys().copied().collect()
+    }
+
     /// Long-polls waiting now (a metric).
     pub fn watching(&self) -> usize {
         self.lock().values().map(Vec::len).sum()

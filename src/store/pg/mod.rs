@@ -17,11 +17,14 @@
 //! the HTTP workers, the dispatcher and the sweeper's thread all use it
 //! alike; a held long-poll holds no connection (waiters are in memory).
 //!
-//! Until nodes keep heartbeats (several nodes on one database), one gateway
-//! holds the database: a second is refused at start, as a second gateway on
-//! one data dir is.
+//! Any number of nodes share the database (`cluster`: lives, heartbeats,
+//! fenced takeover; `pace`: the lanes' shared limits; `notify`: wake-ups
+//! across nodes).
 
+mod cluster;
+mod notify;
 mod ops;
+mod pace;
 mod reads;
 mod row;
 mod schema;
@@ -29,6 +32,7 @@ mod tx;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +43,10 @@ use tokio_postgres::error::SqlState;
 use super::StoreError;
 use super::fatal::Fatal;
 use super::waiters::Waiters;
-use crate::model::RequestId;
+use crate::model::{LaneKey, RequestId};
+use crate::scheduler::Limits;
+use cluster::{Beat, Node};
+use notify::{Inbox, Notes};
 
 /// Connections to the database. A submission holds one for its
 /// transaction only (a few round trips and a commit), so a few serve many
@@ -54,21 +61,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// may sit on a connection, before the operation fails.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Held, on a connection of its own, by the one gateway using the database.
-const SINGLE_NODE_LOCK: i64 = 0x6173_796e_6367_0002;
-
 pub struct PgConfig {
     /// `postgres://user:password@host:port/database` (libpq's URL form).
     pub url: String,
+    /// Where the node keeps its name (and its lock).
+    pub data_dir: PathBuf,
+    /// `--node-heartbeat-timeout`.
+    pub heartbeat_timeout: Duration,
+    /// The per-credential limits every node shares.
+    pub limits: Limits,
+    /// How long a request settled `unknown` by a takeover is kept.
+    pub unknown_keep_ms: u64,
 }
 
 pub struct PgStore {
     pool: Pool,
     handle: tokio::runtime::Handle,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
-    /// The connection that holds `SINGLE_NODE_LOCK` (closed with the store).
-    _holder: tokio_postgres::Client,
     salt: [u8; 32],
+    /// This process's life in the cluster.
+    node: Arc<Node>,
+    limits: Limits,
+    unknown_keep_ms: u64,
+    /// To the other nodes, after commits.
+    notes: Notes,
+    /// Lanes other nodes queued, for the dispatcher.
+    inbox: Inbox,
     fatal: Fatal,
     /// Shared with the tasks that commit: they wake the waiters of what
     /// they finished right after the commit, whether or not whoever asked
@@ -116,9 +134,14 @@ impl PgStore {
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
-        let url = config.url.clone();
+        let PgConfig {
+            url,
+            data_dir,
+            heartbeat_timeout,
+            limits,
+            unknown_keep_ms,
+        } = config;
         let fatal = Fatal::default();
-        let fatal_in = fatal.clone();
         let opened = handle.spawn(async move {
             let mut pg: tokio_postgres::Config = url
                 .parse()
@@ -144,31 +167,7 @@ impl PgStore {
                 .keepalives_interval(Duration::from_secs(5))
                 .keepalives_retries(3)
                 .tcp_user_timeout(STATEMENT_TIMEOUT);
-            let (holder, connection) = pg.connect(NoTls).await.map_err(|e| {
-                StoreError::Unavailable(format!("cannot connect to the database: {}", describe(&e)))
-            })?;
-            // Without its lock a second gateway could start on the database:
-            // losing it stops this one (its supervisor restarts it, and the
-            // new process takes the lock again or is refused).
-            let lost = fatal_in;
-            tokio::spawn(async move {
-                let why = match connection.await {
-                    Ok(()) => "closed".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                lost.fail(format!(
-                    "the database connection holding this gateway's lock ended ({why})"
-                ));
-            });
-            let locked: bool = holder
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&SINGLE_NODE_LOCK])
-                .await?
-                .get(0);
-            if !locked {
-                return Err(StoreError::Format(
-                    "the database is in use by another running gateway".into(),
-                ));
-            }
+            let listener = pg.clone();
             let manager = deadpool_postgres::Manager::from_config(
                 pg,
                 NoTls,
@@ -184,16 +183,23 @@ impl PgStore {
                 .runtime(Runtime::Tokio1)
                 .build()
                 .map_err(|e| StoreError::Format(format!("--store: {e}")))?;
-            let mut client = pool.get().await?;
+            let mut client = pool.get().await.map_err(|e| match e {
+                PoolError::Backend(e) => StoreError::Unavailable(format!(
+                    "cannot connect to the database: {}",
+                    describe(&e)
+                )),
+                other => other.into(),
+            })?;
             schema::migrate(&mut client).await?;
             let salt = schema::salt(&client).await?;
-            Ok::<_, StoreError>((holder, pool, salt))
+            let node = Node::join(&pool, &data_dir, heartbeat_timeout).await?;
+            Ok::<_, StoreError>((listener, pool, salt, node))
         });
         let opened = match opened.await {
             Ok(r) => r,
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         };
-        let (holder, pool, salt) = match opened {
+        let (listener, pool, salt, node) = match opened {
             Ok(o) => o,
             Err(e) => {
                 // Not dropped: that blocks, and this is an async context.
@@ -201,14 +207,35 @@ impl PgStore {
                 return Err(e);
             }
         };
+        let node = Arc::new(node);
+        let waiters: Arc<Waiters> = Arc::default();
+        let inbox: Inbox = Arc::default();
+        let (notes, noted) = notify::channel();
+        handle.spawn(notify::send(pool.clone(), noted));
+        handle.spawn(notify::listen(listener, waiters.clone(), inbox.clone()));
+        handle.spawn(notify::safety_net(pool.clone(), waiters.clone()));
+        handle.spawn(
+            Beat {
+                pool: pool.clone(),
+                node: node.clone(),
+                fatal: fatal.clone(),
+                notes: notes.clone(),
+                unknown_keep_ms,
+            }
+            .run(),
+        );
         Ok(PgStore {
             pool,
             handle,
             runtime: Mutex::new(Some(runtime)),
-            _holder: holder,
             salt,
             fatal,
-            waiters: Arc::default(),
+            node,
+            limits,
+            unknown_keep_ms,
+            notes,
+            inbox,
+            waiters,
             claimed: Mutex::default(),
         })
     }
@@ -231,6 +258,25 @@ impl PgStore {
             Ok(())
         })
         .await
+    }
+
+    pub fn may_send(&self) -> Result<(), StoreError> {
+        if self.node.may_send() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "this node's heartbeat is overdue: the others may presume it dead after {:?}, \
+                 so it sends nothing",
+                self.node.timeout()
+            )))
+        }
+    }
+
+    /// A new channel for the lanes other nodes queued requests in.
+    pub fn remote_queued(&self) -> tokio::sync::mpsc::UnboundedReceiver<LaneKey> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.inbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
     fn lock_claimed(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Vec<u8>>> {

@@ -2,20 +2,23 @@
 //! it returns (what runs inside is `tx`'s); the waiters of what one
 //! finished are woken right after its commit.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 
+use super::notify::Note;
 use super::row::{self, COLS, Fixed, big};
-use super::tx::{insert, qualified, schedule, settle_in, settled_id};
+use super::tx::{insert, schedule, settle_in, settled_id};
 use super::{PgStore, StoreError};
-use crate::model::{CallbackState, LaneKey, RequestId, RequestRecord, Status};
-use crate::store::{CallbackEntry, Claim, NewRequest, Recovered, Settle, Submitted, codec};
+use crate::model::{CallbackState, RequestId, RequestRecord, Status};
+use crate::store::{CallbackEntry, NewRequest, Settle, Submitted, codec};
 
 /// Attempts of a submission that met a concurrent one with its key.
 const KEY_RACES: usize = 3;
+
+/// Held by the node sweeping retention this round.
+const SWEEP_LOCK: i64 = 0x6173_796e_6367_0004;
 
 impl PgStore {
     /// Stores a new request at its lane's tail. Its `Idempotency-Key` is
@@ -37,12 +40,16 @@ impl PgStore {
                 fixed.len() + new.sealed_credential.len(),
             ));
         }
+        let notes = self.notes.clone();
         self.with(move |mut c| async move {
             for _ in 0..KEY_RACES {
                 let tx = c.transaction().await?;
                 match insert(&tx, &new, &fixed).await {
                     Ok(Ok(done)) => {
                         tx.commit().await?;
+                        if let Submitted::New(rec) = &done {
+                            notes.send(Note::Queued(rec.lane));
+                        }
                         return Ok(done);
                     }
                     Ok(Err(refused)) => return Err(refused),
@@ -55,70 +62,6 @@ impl PgStore {
             ))
         })
         .await
-    }
-
-    /// The heads of `lanes` (a lane named k times: its first k), each
-    /// `started` with its claim count raised, in one committed statement.
-    pub async fn claim_batch(
-        &self,
-        lanes: &[LaneKey],
-        now_ms: u64,
-    ) -> Result<Vec<Claim>, StoreError> {
-        let mut wanted: Vec<(LaneKey, i32)> = Vec::new();
-        for lane in lanes {
-            match wanted.iter_mut().find(|(l, _)| l == lane) {
-                Some((_, k)) => *k += 1,
-                None => wanted.push((*lane, 1)),
-            }
-        }
-        let names: Vec<Vec<u8>> = wanted.iter().map(|(l, _)| l.to_vec()).collect();
-        let counts: Vec<i32> = wanted.iter().map(|(_, k)| *k).collect();
-        let got = self
-            .with(move |c| async move {
-                let sql = format!(
-                    "WITH want AS (SELECT * FROM unnest($1::bytea[], $2::int[]) AS w(lane, k)),
-                     picked AS (
-                        SELECT q.id FROM want CROSS JOIN LATERAL (
-                            SELECT id FROM requests r
-                            WHERE r.lane = want.lane AND r.status = 0
-                            ORDER BY r.seq LIMIT want.k
-                            FOR UPDATE SKIP LOCKED) q)
-                     UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3
-                     FROM picked WHERE requests.id = picked.id
-                     RETURNING {}, requests.body",
-                    qualified("requests")
-                );
-                let rows = c
-                    .query(
-                        &c.prepare_cached(&sql).await?,
-                        &[&names, &counts, &big(now_ms)],
-                    )
-                    .await?;
-                let body_at = row::COLS.split(", ").count();
-                rows.iter()
-                    .map(|r| {
-                        let body: Option<Vec<u8>> = r.try_get(body_at)?;
-                        Ok((row::record(r)?, body.unwrap_or_default()))
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()
-            })
-            .await?;
-        let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
-        let mut bodies = self.lock_claimed();
-        for (rec, body) in got {
-            bodies.insert(rec.id, body);
-            by_lane.entry(rec.lane).or_default().push(rec);
-        }
-        for recs in by_lane.values_mut() {
-            recs.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        }
-        Ok(lanes
-            .iter()
-            .map(|lane| match by_lane.get_mut(lane).and_then(Vec::pop) {
-                Some(rec) => Claim::Got(Box::new(rec)),
-                None => Claim::Empty,
-            })
-            .collect())
     }
 
     /// Settles one attempt; false if its claim was stale. A settle is
@@ -135,7 +78,7 @@ impl PgStore {
         let op = Arc::new(op);
         let mut pause = Duration::from_millis(100);
         loop {
-            let (once, waiters) = (op.clone(), self.waiters.clone());
+            let (once, waiters, notes) = (op.clone(), self.waiters.clone(), self.notes.clone());
             let tried = self
                 .with(move |mut c| async move {
                     let tx = c.transaction().await?;
@@ -143,6 +86,9 @@ impl PgStore {
                     tx.commit().await?;
                     if changed {
                         waiters.wake([settled_id(&once)]);
+                        if !matches!(*once, Settle::Requeue { .. }) {
+                            notes.send(Note::Finished(settled_id(&once)));
+                        }
                     }
                     Ok(changed)
                 })
@@ -167,50 +113,35 @@ impl PgStore {
         }
     }
 
-    /// Start-up recovery: every `started` request, in one transaction.
-    pub async fn recover(
-        &self,
-        now_ms: u64,
-        unknown_keep_ms: u64,
-    ) -> Result<Recovered, StoreError> {
-        self.with(move |mut c| async move {
-            let tx = c.transaction().await?;
-            let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 FOR UPDATE");
-            let mut report = Recovered::default();
-            for r in tx.query(&tx.prepare_cached(&sql).await?, &[]).await? {
-                let rec = row::record(&r)?;
-                let op = report.settle(&rec, now_ms, unknown_keep_ms);
-                settle_in(&tx, &op).await?;
-            }
-            tx.commit().await?;
-            Ok(report)
-        })
-        .await
-    }
-
     /// An operator's requeue of an `unknown` request, to its lane's tail.
     pub async fn requeue_unknown(
         &self,
         id: RequestId,
     ) -> Result<Option<RequestRecord>, StoreError> {
+        let notes = self.notes.clone();
         self.with(move |c| async move {
             let sql = format!(
                 "UPDATE requests SET status = 0, seq = nextval('request_seq'),
                     started_ms = NULL, finished_ms = NULL, expires_ms = NULL
                  WHERE id = $1 AND status = 3 RETURNING {COLS}"
             );
-            c.query_opt(&c.prepare_cached(&sql).await?, &[&&id.0[..]])
+            let rec = c
+                .query_opt(&c.prepare_cached(&sql).await?, &[&&id.0[..]])
                 .await?
                 .as_ref()
                 .map(row::record)
-                .transpose()
+                .transpose()?;
+            if let Some(rec) = &rec {
+                notes.send(Note::Queued(rec.lane));
+            }
+            Ok(rec)
         })
         .await
     }
 
     /// Deletes a `done` or `unknown` request.
     pub async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
-        let waiters = self.waiters.clone();
+        let (waiters, notes) = (self.waiters.clone(), self.notes.clone());
         self.with(move |c| async move {
             let sql = "DELETE FROM requests WHERE id = $1 AND status IN (2, 3)";
             let gone = c
@@ -219,6 +150,7 @@ impl PgStore {
                 > 0;
             if gone {
                 waiters.wake([id]);
+                notes.send(Note::Finished(id));
             }
             Ok(gone)
         })
@@ -229,7 +161,7 @@ impl PgStore {
     /// commits, so a cancel either removes a request no claim has (never
     /// sent then) or finds it `started` (`InFlight`).
     pub async fn cancel(&self, id: RequestId) -> Result<bool, StoreError> {
-        let waiters = self.waiters.clone();
+        let (waiters, notes) = (self.waiters.clone(), self.notes.clone());
         self.with(move |mut c| async move {
             let tx = c.transaction().await?;
             let sql = "SELECT status FROM requests WHERE id = $1 FOR UPDATE";
@@ -250,31 +182,43 @@ impl PgStore {
             .await?;
             tx.commit().await?;
             waiters.wake([id]);
+            notes.send(Note::Finished(id));
             Ok(true)
         })
         .await
     }
 
-    /// Deletes up to `limit` requests past retention, oldest first; rows
-    /// another node is deleting are skipped, not waited for.
+    /// Deletes up to `limit` requests past retention, oldest first. One
+    /// node sweeps at a time (the others find the lock taken and wait for
+    /// their next round), and rows being deleted otherwise are skipped.
     pub async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let waiters = self.waiters.clone();
-        self.with(move |c| async move {
+        let (waiters, notes) = (self.waiters.clone(), self.notes.clone());
+        self.with(move |mut c| async move {
+            let tx = c.transaction().await?;
+            let ours: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])
+                .await?
+                .get(0);
+            if !ours {
+                return Ok(0);
+            }
             let sql = "DELETE FROM requests WHERE id IN (
                     SELECT id FROM requests
                     WHERE expires_ms <= $1 AND status IN (2, 3)
                     ORDER BY expires_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
                 RETURNING id";
-            let ids = c
+            let ids = tx
                 .query(
-                    &c.prepare_cached(sql).await?,
+                    &tx.prepare_cached(sql).await?,
                     &[&big(now_ms), &big(limit as u64)],
                 )
                 .await?
                 .iter()
                 .map(|r| row::id(r.try_get(0)?))
                 .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await?;
             let n = ids.len();
+            notes.send_all(ids.iter().map(|&id| Note::Finished(id)));
             waiters.wake(ids);
             Ok(n)
         })

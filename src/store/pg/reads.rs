@@ -186,23 +186,40 @@ impl PgStore {
         self.with(move |c| async move {
             let sql = "SELECT due_ms, id, event, status, attempts FROM callbacks
                        WHERE due_ms <= $1 ORDER BY due_ms, id LIMIT $2";
-            let mut out = Vec::new();
-            for r in c
+            let rows = c
                 .query(
                     &c.prepare_cached(sql).await?,
                     &[&big(now_ms), &big(limit as u64)],
                 )
-                .await?
-            {
-                let entry = CallbackEntry {
-                    event: r.try_get::<_, i32>(2)?.max(0) as u32,
-                    status: row::status(r.try_get(3)?)?,
-                    attempts: r.try_get::<_, i32>(4)?.max(0) as u32,
-                };
-                let due: i64 = r.try_get(0)?;
-                out.push((due.max(0) as u64, row::id(r.try_get(1)?)?, entry));
-            }
-            Ok(out)
+                .await?;
+            rows.iter().map(due).collect()
+        })
+        .await
+    }
+
+    /// The callbacks due now, each moved `lease_ms` ahead so that no other
+    /// node delivers it meanwhile (one that dies mid-delivery leaves it to
+    /// the others when the lease ends); the entries as they are now.
+    pub async fn lease_callbacks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "UPDATE callbacks c SET due_ms = $3 FROM (
+                    SELECT due_ms, id FROM callbacks WHERE due_ms <= $1
+                    ORDER BY due_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED) p
+                 WHERE c.due_ms = p.due_ms AND c.id = p.id
+                 RETURNING c.due_ms, c.id, c.event, c.status, c.attempts";
+            let until = big(now_ms.saturating_add(lease_ms));
+            let rows = c
+                .query(
+                    &c.prepare_cached(sql).await?,
+                    &[&big(now_ms), &big(limit as u64), &until],
+                )
+                .await?;
+            rows.iter().map(due).collect()
         })
         .await
     }
@@ -245,4 +262,15 @@ impl PgStore {
         })
         .await
     }
+}
+
+/// A `callbacks` row: its due time, request and entry.
+fn due(r: &tokio_postgres::Row) -> Result<(u64, RequestId, CallbackEntry), StoreError> {
+    let entry = CallbackEntry {
+        event: r.try_get::<_, i32>(2)?.max(0) as u32,
+        status: row::status(r.try_get(3)?)?,
+        attempts: r.try_get::<_, i32>(4)?.max(0) as u32,
+    };
+    let at: i64 = r.try_get(0)?;
+    Ok((at.max(0) as u64, row::id(r.try_get(1)?)?, entry))
 }

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use super::super::StoreError;
 
 /// `(version, SQL)`, in order; never edit a released one, add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 /// Statuses are `Status::code()`: 0 enqueued, 1 started, 2 done, 3 unknown.
 const V1: &str = "
@@ -70,6 +70,37 @@ CREATE TABLE callbacks (
     attempts integer NOT NULL,
     PRIMARY KEY (due_ms, id)
 );
+";
+
+/// Several nodes on one database (SPEC §12).
+const V2: &str = "
+-- A node's life: a row per start, whose id tags what it claims.
+CREATE TABLE nodes (
+    id           bigserial PRIMARY KEY,
+    -- Kept in the node's data dir: the same on every start of that node.
+    name         text NOT NULL,
+    started_ms   bigint NOT NULL,
+    -- The database's clock at the last heartbeat.
+    heartbeat_ms bigint NOT NULL,
+    -- Presumed dead by the others (or stopped): it may change nothing more.
+    dead         boolean NOT NULL DEFAULT false
+);
+CREATE INDEX nodes_name ON nodes (name);
+
+-- Which node's life claimed a `started` request.
+ALTER TABLE requests ADD COLUMN node bigint;
+-- Attempts in flight per lane, on every node.
+CREATE INDEX requests_started ON requests (lane) WHERE status = 1;
+
+-- A lane's pacing, shared by the nodes (times on the database's clock).
+ALTER TABLE lanes
+    ADD COLUMN paused_until_ms bigint,
+    ADD COLUMN pause_reason    smallint,
+    ADD COLUMN refusals        integer NOT NULL DEFAULT 0,
+    ADD COLUMN outages         integer NOT NULL DEFAULT 0,
+    ADD COLUMN learned_rps     integer,
+    ADD COLUMN probing         boolean NOT NULL DEFAULT false,
+    ADD COLUMN sent_ms         bigint[] NOT NULL DEFAULT '{}';
 ";
 
 /// Serializes nodes migrating at once (any constant of ours).
