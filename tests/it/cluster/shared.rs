@@ -197,7 +197,10 @@ async fn a_long_poll_on_one_node_wakes_when_another_finishes() {
             applied.as_ref().map(|h| h.as_bytes()),
             Some(&b"wait=30"[..])
         );
-        let sent: Vec<Seen> = up.seen().into_iter().filter(|s| s.uri == path).collect();
+        let upstream_path = format!("/api/v2/wake/{round}.json");
+        let sent: Vec<Seen> = (up.seen().into_iter())
+            .filter(|s| s.uri == upstream_path)
+            .collect();
         assert_eq!(sent.len(), 1, "round {round}: sent once");
         let upstream_answered = sent[0].at + HOLD;
         assert!(
