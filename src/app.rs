@@ -13,7 +13,7 @@ use crate::callback::{Callbacks, SecretError, Signer};
 use crate::config::GatewayArgs;
 use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
-use crate::model::now_ms;
+use crate::model::{RequestId, now_ms};
 use crate::net::{self, AddressPolicy};
 use crate::scheduler::Limits;
 use crate::store::{PgConfig, SledConfig, Store, StoreConfig, StoreError};
@@ -57,6 +57,10 @@ pub struct Running {
 
 /// Starts everything; recovery is complete before the first answer.
 /// Must run inside an actix system (`#[actix_web::main]` or `::test`).
+/// The id the key canary is sealed under (no request has it: request ids
+/// carry the time they were made).
+const CANARY_ID: RequestId = RequestId([0; 16]);
+
 fn limits(args: &GatewayArgs) -> Limits {
     Limits {
         concurrency: args.concurrency,
@@ -99,12 +103,27 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
     };
     let store = Arc::new(Store::open(config).await?);
     let first_sealed = store.first_sealed().await?;
-    let sealer = Sealer::load_or_create(&args.key_file(), first_sealed.is_some())?;
+    let canary = store.key_canary().await?;
+    let sealer =
+        Sealer::load_or_create(&args.key_file(), first_sealed.is_some() || canary.is_some())?;
     // A wrong key file stops the start (SPEC §6) before recovery changes
     // anything; one sealed credential is enough to tell, since one key
     // sealed them all.
     if let Some((id, sealed)) = &first_sealed {
         sealer.check(id, sealed)?;
+    }
+    // Nodes sharing a database share the key (SPEC §12): the first seals
+    // a canary, and a node whose key file cannot unseal it stops here,
+    // before it seals a credential the others could not read.
+    let canary = match canary {
+        Some(c) => Some(c),
+        None => {
+            let mine = sealer.seal_credential(&CANARY_ID, None)?;
+            store.set_key_canary(mine).await?
+        }
+    };
+    if let Some(c) = &canary {
+        sealer.check_canary(&CANARY_ID, c)?;
     }
     // Read (or made) with the data dir locked: two gateways of one data
     // dir never race to make it. A malformed one stops the start: each

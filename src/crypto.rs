@@ -27,6 +27,10 @@ pub enum CryptoError {
         "credential key file {0} is not the key the stored credentials were sealed with (request {1}'s cannot be opened); restore the original key file (or point --credential-key-file at it)"
     )]
     WrongKey(PathBuf, RequestId),
+    #[error(
+        "credential key file {0} is not the key of the other nodes on this database (its key canary cannot be opened); copy theirs here (or point --credential-key-file at it)"
+    )]
+    NotClusterKey(PathBuf),
     #[error("credential key file {0}: {1}")]
     KeyFile(PathBuf, String),
     #[error("a sealed credential could not be opened")]
@@ -82,6 +86,14 @@ impl Sealer {
         self.unseal_credential(id, sealed)
             .map(|_| ())
             .map_err(|_| CryptoError::WrongKey(self.key_file.clone(), *id))
+    }
+
+    /// The start-up check that this is the key every node sharing the
+    /// database seals with: it opens their canary.
+    pub fn check_canary(&self, id: &RequestId, sealed: &[u8]) -> Result<(), CryptoError> {
+        self.unseal_credential(id, sealed)
+            .map(|_| ())
+            .map_err(|_| CryptoError::NotClusterKey(self.key_file.clone()))
     }
 
     pub fn seal(&self, id: &RequestId, credential: &[u8]) -> Result<Vec<u8>, CryptoError> {

@@ -62,6 +62,9 @@ pub enum StoreError {
     InFlight,
 }
 
+/// The `asyncgate_meta` key of the key canary.
+const CANARY: &str = "key_canary";
+
 /// What a claim found for one dispatch slot.
 #[derive(Debug)]
 pub enum Claim {
@@ -339,6 +342,25 @@ impl Store {
         match &self.backend {
             Backend::Sled(s) => s.claim_batch(lanes, now_ms).await,
             Backend::Pg(s) => s.claim_batch(lanes, now_ms).await,
+        }
+    }
+
+    /// On a store several nodes share: the value every node's key file
+    /// must unseal (`None` before the first node sealed it). The embedded
+    /// store has its own check (`first_sealed`).
+    pub async fn key_canary(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(None),
+            Backend::Pg(s) => s.meta(CANARY).await,
+        }
+    }
+
+    /// Keeps `sealed` as the key canary unless one is there already;
+    /// returns the one kept (the first node's, when two race).
+    pub async fn set_key_canary(&self, sealed: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(None),
+            Backend::Pg(s) => s.set_meta(CANARY, sealed).await,
         }
     }
 

@@ -206,11 +206,15 @@ async fn an_absurd_retry_after_pauses_only_its_own_credential_also_after_a_resta
     let hostile = app
         .submit_as("POST", "/async_api/v2/h", "Bearer hostile")
         .await;
+    // The embedded store keeps pauses in memory: each start tries the held
+    // request once. On PostgreSQL they live in the lane's row, shared by
+    // every node and every start (SPEC §12): only the first start tries.
+    let shared = crate::backend::postgres().is_some();
     for round in 1..=2 {
-        // Each start tries the held request once (pauses live in memory),
-        // then its credential waits a day; every other one runs on.
+        // Then its credential waits a day; every other one runs on.
+        let tries = if shared { 1 } else { round };
         let deadline = Instant::now() + SECS(10);
-        while from(&up, "Bearer hostile") < round {
+        while from(&up, "Bearer hostile") < tries {
             assert!(Instant::now() < deadline, "the held request was not tried");
             actix_web::rt::time::sleep(Duration::from_millis(20)).await;
         }
@@ -221,7 +225,7 @@ async fn an_absurd_retry_after_pauses_only_its_own_credential_also_after_a_resta
             .await;
         assert_eq!(app.call("GET", "/healthz", &[], b"").await.status, 200);
         actix_web::rt::time::sleep(SECS(2)).await;
-        assert_eq!(from(&up, "Bearer hostile"), round, "one try per start");
+        assert_eq!(from(&up, "Bearer hostile"), tries, "one try per pause");
         assert_eq!(
             app.status(&hostile, Some("Bearer hostile")).await.json()["status"],
             "enqueued"

@@ -112,6 +112,34 @@ async fn a_second_process_of_one_node_is_refused() {
 }
 
 #[actix_web::test]
+async fn a_node_whose_key_file_is_not_the_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = database(
+        &dir.path().join("data"),
+        "a_node_whose_key_file_is_not_the_others_is_refused",
+    ) else {
+        return;
+    };
+    let app = TestApp::start_in("http://127.0.0.1:9", &[], dir).await;
+    // Another node (its own data dir) with no key file: it does not make
+    // one, the first node's canary says a key exists...
+    let other = tempfile::tempdir().unwrap();
+    let (ok, stderr) = serve_to_exit(other.path(), &url);
+    assert!(!ok, "a node without the key ran: {stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    // ...and with a key of its own, it would seal credentials the first
+    // could not open.
+    std::fs::write(other.path().join("data.key"), [7u8; 32]).unwrap();
+    let (ok, stderr) = serve_to_exit(other.path(), &url);
+    assert!(!ok, "a node with another key ran: {stderr}");
+    assert!(
+        stderr.contains("not the key of the other nodes"),
+        "{stderr}"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn a_database_of_a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let Some(url) = database(

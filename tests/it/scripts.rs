@@ -357,9 +357,11 @@ async fn bad_idempotency_keys_are_400() {
 #[actix_web::test]
 async fn cancel_removes_a_queued_request_for_good_and_ahead_follows() {
     let up = Fake::start().await;
-    // The first one pauses the lane for an hour (a 429): from then on the
-    // queue holds still, with no try in flight to move it.
-    let refusing = Fake::start_with(|_, _| Reply::status(429).header("Retry-After", b"3600")).await;
+    // The first one pauses the lane (a 429): from then on the queue holds
+    // still, with no try in flight to move it. The pause is short enough
+    // to end after the restart below, where it lives in the lane's row
+    // (PostgreSQL) rather than in memory.
+    let refusing = Fake::start_with(|_, _| Reply::status(429).header("Retry-After", b"8")).await;
     let app = TestApp::start(&refusing.url(), &[]).await;
     let mut ids = vec![app.submit_as("POST", "/async_api/v2/q0.json", OWNER).await];
     let deadline = Instant::now() + SECS(5);
@@ -415,7 +417,7 @@ async fn cancel_removes_a_queued_request_for_good_and_ahead_follows() {
         app.data_dir
     })
     .await;
-    up.wait_for(4, SECS(10)).await;
+    up.wait_for(4, SECS(30)).await;
     actix_web::rt::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(up.through(OWNER), 4);
     let i = ids.iter().position(|id| *id == second).unwrap();

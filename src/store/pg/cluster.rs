@@ -188,8 +188,22 @@ impl Beat {
             let (name, id): (String, i64) = (r.get(0), r.get(1));
             log::warn!("node {name} (life {id}) is presumed dead: no heartbeat for {timeout} ms");
         }
-        let dead = "node IN (SELECT id FROM nodes WHERE dead)";
-        let (report, told) = settle_lives(&tx, dead, &[], self.unknown_keep_ms).await?;
+        // Whatever no live life holds: the dead ones', and those of lives
+        // already deleted (a claim that committed as its life was dying).
+        let orphaned = |col: &str| {
+            format!("NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = {col} AND NOT n.dead)")
+        };
+        let (report, told) = settle_lives(
+            &tx,
+            &orphaned("requests.node"),
+            &format!(
+                "leased_by IS NOT NULL AND {}",
+                orphaned("callbacks.leased_by")
+            ),
+            &[],
+            self.unknown_keep_ms,
+        )
+        .await?;
         tx.execute(
             "DELETE FROM nodes WHERE dead AND NOT EXISTS
                 (SELECT 1 FROM requests WHERE status = 1 AND node = nodes.id)",
@@ -216,9 +230,17 @@ impl PgStore {
                 &[&name, &id],
             )
             .await?;
-            let mine =
-                "(node IS NULL OR node IN (SELECT id FROM nodes WHERE name = $1 AND id <> $2))";
-            let (report, told) = settle_lives(&tx, mine, &[&name, &id], keep_ms).await?;
+            // Requests claimed before lives were kept (schema 1) count as
+            // this node's: one gateway held the database then.
+            let mine = "IN (SELECT id FROM nodes WHERE name = $1 AND id <> $2)";
+            let (report, told) = settle_lives(
+                &tx,
+                &format!("(node IS NULL OR node {mine})"),
+                &format!("leased_by {mine}"),
+                &[&name, &id],
+                keep_ms,
+            )
+            .await?;
             tx.commit().await?;
             notes.send_all(told);
             Ok(report)
@@ -238,7 +260,8 @@ impl PgStore {
             let tx = c.transaction().await?;
             tx.execute("UPDATE nodes SET dead = true WHERE id = $1", &[&id])
                 .await?;
-            let (report, told) = settle_lives(&tx, "node = $1", &[&id], keep).await?;
+            let (report, told) =
+                settle_lives(&tx, "node = $1", "leased_by = $1", &[&id], keep).await?;
             tx.execute("DELETE FROM nodes WHERE id = $1", &[&id])
                 .await?;
             tx.commit().await?;
@@ -249,17 +272,28 @@ impl PgStore {
     }
 }
 
-/// Settles the `started` requests that `which` selects, as a restart
-/// would; returns what to tell every node once it is committed (the
+/// Settles the `started` requests that `requests` selects (a condition on
+/// their `node`), as a restart would, and frees the callbacks' leases
+/// `callbacks` selects (on their `leased_by`); returns what to tell every node once it is committed (the
 /// lanes requeued, the requests finished).
 async fn settle_lives(
     tx: &deadpool_postgres::Transaction<'_>,
-    which: &str,
+    requests: &str,
+    callbacks: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     keep_ms: u64,
 ) -> Result<(Recovered, Vec<Note>), StoreError> {
-    let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 AND {which} FOR UPDATE");
     let now = crate::model::now_ms();
+    // Their callbacks in delivery are due again now, for whoever is alive.
+    let mut with_now = params.to_vec();
+    let at = big(now);
+    with_now.push(&at);
+    let sql = format!(
+        "UPDATE callbacks SET due_ms = ${}, leased_by = NULL WHERE {callbacks}",
+        params.len() + 1
+    );
+    tx.execute(&sql, &with_now).await?;
+    let sql = format!("SELECT {COLS} FROM requests WHERE status = 1 AND {requests} FOR UPDATE");
     let mut report = Recovered::default();
     let mut told: Vec<Note> = Vec::new();
     for r in tx.query(&sql, params).await? {

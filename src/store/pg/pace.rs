@@ -160,7 +160,7 @@ impl PgStore {
                             WHERE r.lane = want.lane AND r.status = 0
                             ORDER BY r.seq LIMIT want.k
                             FOR UPDATE SKIP LOCKED) q
-                        WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $4 AND NOT dead))
+                        WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $4 AND NOT dead FOR SHARE))
                      UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3, node = $4
                      FROM picked WHERE requests.id = picked.id
                      RETURNING {}, requests.body",
@@ -227,12 +227,17 @@ impl PgStore {
             .collect())
     }
 
-    /// What an attempt's end teaches its lane, on every node. The common
-    /// case (an answer with no pacing headers, in a lane with no backoff)
-    /// changes nothing and writes nothing.
+    /// What an attempt's end teaches its lane, on every node: what the
+    /// upstream said of its limits (refusals, `Retry-After`, the
+    /// `X-RateLimit-*` headers). Failing to reach it is this node's
+    /// business (its own backoff): another node's network may be fine. The
+    /// common case (an answer with no pacing headers, in a lane with no
+    /// backoff) changes nothing and writes nothing.
     pub async fn paced(&self, lane: LaneKey, feedback: Feedback) -> Result<(), StoreError> {
         match feedback {
-            Feedback::FailedAfterSend { requeued: false } => return Ok(()),
+            Feedback::NotSent | Feedback::Internal | Feedback::FailedAfterSend { .. } => {
+                return Ok(());
+            }
             Feedback::Answered(h) if h == Hints::default() => {
                 return self
                     .with(move |c| async move {

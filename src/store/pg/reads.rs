@@ -197,6 +197,31 @@ impl PgStore {
         .await
     }
 
+    /// A value of `asyncgate_meta`.
+    pub async fn meta(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT value FROM asyncgate_meta WHERE key = $1";
+            Ok(c.query_opt(sql, &[&key]).await?.map(|r| r.get(0)))
+        })
+        .await
+    }
+
+    /// Sets a value of `asyncgate_meta` unless it is set; the value kept.
+    pub async fn set_meta(
+        &self,
+        key: &'static str,
+        value: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "INSERT INTO asyncgate_meta (key, value) VALUES ($1, $2)
+                       ON CONFLICT (key) DO NOTHING";
+            c.execute(sql, &[&key, &value]).await?;
+            let sql = "SELECT value FROM asyncgate_meta WHERE key = $1";
+            Ok(c.query_opt(sql, &[&key]).await?.map(|r| r.get(0)))
+        })
+        .await
+    }
+
     /// The callbacks due now, each moved `lease_ms` ahead so that no other
     /// node delivers it meanwhile (one that dies mid-delivery leaves it to
     /// the others when the lease ends); the entries as they are now.
@@ -206,8 +231,9 @@ impl PgStore {
         limit: usize,
         lease_ms: u64,
     ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
+        let node = self.node.id();
         self.with(move |c| async move {
-            let sql = "UPDATE callbacks c SET due_ms = $3 FROM (
+            let sql = "UPDATE callbacks c SET due_ms = $3, leased_by = $4 FROM (
                     SELECT due_ms, id FROM callbacks WHERE due_ms <= $1
                     ORDER BY due_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED) p
                  WHERE c.due_ms = p.due_ms AND c.id = p.id
@@ -216,7 +242,7 @@ impl PgStore {
             let rows = c
                 .query(
                     &c.prepare_cached(sql).await?,
-                    &[&big(now_ms), &big(limit as u64), &until],
+                    &[&big(now_ms), &big(limit as u64), &until, &node],
                 )
                 .await?;
             rows.iter().map(due).collect()

@@ -92,6 +92,9 @@ ALTER TABLE requests ADD COLUMN node bigint;
 -- Attempts in flight per lane, on every node.
 CREATE INDEX requests_started ON requests (lane) WHERE status = 1;
 
+-- Which life delivers a callback now (its lease: `due_ms` moved ahead).
+ALTER TABLE callbacks ADD COLUMN leased_by bigint;
+
 -- A lane's pacing, shared by the nodes (times on the database's clock).
 ALTER TABLE lanes
     ADD COLUMN paused_until_ms bigint,
