@@ -228,3 +228,44 @@ pub fn outcome(view: Option<&Value>) -> Option<Value> {
     v.as_object_mut()?.remove("callback");
     Some(v)
 }
+
+/// The running node that sent the most upstream in 300 ms, by its own
+/// count of upstream exchanges: the first that sent 3 or more (it has
+/// some in flight, most likely), or the busiest of 10 looks.
+pub async fn busiest(nodes: &[Option<Proc>]) -> usize {
+    let client = client();
+    let sent = |base: String| {
+        let client = client.clone();
+        async move {
+            let mut res =
+                (client.get(format!("{base}/metrics")).send().await).expect("the node's metrics");
+            let text = String::from_utf8_lossy(&res.body().await.expect("metrics")).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("asyncgate_upstream_latency_seconds_count "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .expect("asyncgate_upstream_latency_seconds_count")
+        }
+    };
+    let running: Vec<(usize, &Proc)> = (nodes.iter().enumerate())
+        .filter_map(|(i, p)| Some((i, p.as_ref()?)))
+        .collect();
+    let mut best = (running[0].0, 0);
+    for _ in 0..10 {
+        let mut before = Vec::new();
+        for (_, p) in &running {
+            before.push(sent(p.base.clone()).await);
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+        for ((i, p), was) in running.iter().zip(before) {
+            let delta = sent(p.base.clone()).await - was;
+            if delta > best.1 {
+                best = (*i, delta);
+            }
+        }
+        if best.1 >= 3 {
+            break;
+        }
+    }
+    println!("the busiest node sent {} upstream in 300 ms", best.1);
+    best.0
+}

@@ -13,10 +13,9 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Cluster, client, database, finished, outcome, response, submit, views};
+use super::{Cluster, busiest, client, database, finished, outcome, response, submit, views};
 use crate::crash::{Rng, seed_from};
 use crate::helpers::*;
-use crate::process::Proc;
 
 const TOKENS: [&str; 3] = ["Bearer node-a", "Bearer node-b", "Bearer node-c"];
 const PER_CREDENTIAL: usize = 3;
@@ -142,6 +141,7 @@ async fn three_nodes_kill_9_mid_load_loses_nothing_runs_nothing_twice() {
     actix_web::rt::time::sleep(Duration::from_millis(1500)).await;
     // The busiest node dies and stays dead.
     let dead = busiest(&nodes).await;
+    println!("{} killed", NAMES[dead]);
     let p = nodes[dead].take().expect("a running node");
     live.borrow_mut().retain(|b| *b != p.base);
     kills.push(Instant::now());
@@ -150,6 +150,7 @@ async fn three_nodes_kill_9_mid_load_loses_nothing_runs_nothing_twice() {
     // The busiest of the other two dies, and its supervisor starts it again
     // at once.
     let restarted = busiest(&nodes).await;
+    println!("{} killed and restarted", NAMES[restarted]);
     let p = nodes[restarted].take().expect("a running node");
     live.borrow_mut().retain(|b| *b != p.base);
     kills.push(Instant::now());
@@ -349,47 +350,6 @@ async fn three_nodes_kill_9_mid_load_loses_nothing_runs_nothing_twice() {
         unknown.len(),
         wanted.len()
     );
-}
-
-/// The running node that sent the most upstream in 300 ms, by its own
-/// count of upstream exchanges: the first that sent 3 or more (it has
-/// some in flight, most likely), or the busiest of 10 looks.
-async fn busiest(nodes: &[Option<Proc>]) -> usize {
-    let client = client();
-    let sent = |base: String| {
-        let client = client.clone();
-        async move {
-            let mut res =
-                (client.get(format!("{base}/metrics")).send().await).expect("the node's metrics");
-            let text = String::from_utf8_lossy(&res.body().await.expect("metrics")).into_owned();
-            text.lines()
-                .find_map(|l| l.strip_prefix("asyncgate_upstream_latency_seconds_count "))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .expect("asyncgate_upstream_latency_seconds_count")
-        }
-    };
-    let running: Vec<(usize, &Proc)> = (nodes.iter().enumerate())
-        .filter_map(|(i, p)| Some((i, p.as_ref()?)))
-        .collect();
-    let mut best = (running[0].0, 0);
-    for _ in 0..10 {
-        let mut before = Vec::new();
-        for (_, p) in &running {
-            before.push(sent(p.base.clone()).await);
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(300)).await;
-        for ((i, p), was) in running.iter().zip(before) {
-            let delta = sent(p.base.clone()).await - was;
-            if delta > best.1 {
-                best = (*i, delta);
-            }
-        }
-        if best.1 >= 3 {
-            break;
-        }
-    }
-    println!("{}: {} sent upstream in 300 ms", NAMES[best.0], best.1);
-    best.0
 }
 
 /// The most calls of `token` the upstream held at once, leaving out those
