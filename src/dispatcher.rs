@@ -4,7 +4,6 @@
 //! thread: awc's client is `!Send`, and a single loop keeps the scheduler's
 //! state free of locks. HTTP handlers only store and wake it (`Handle`).
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::crypto::{CryptoError, Sealer};
 use crate::metrics::Metrics;
 use crate::model::{LaneKey, Outcome, RequestId, RequestRecord, is_idempotent, now_ms};
-use crate::scheduler::{Feedback, Hints, Limits, Next, PauseReason, Scheduler, pacing};
+use crate::scheduler::{Feedback, Hints, Limits, Next, Scheduler, pacing};
 use crate::store::{Claim, Completion, Settle, Store, StoreError};
 use crate::upstream::{Answer, Attempt, Upstream};
 
@@ -29,71 +28,14 @@ enum ExecError {
     Crypto(#[from] CryptoError),
 }
 
+mod pauses;
+pub use pauses::Pauses;
+
 enum Event {
     Queued(LaneKey),
     Finished(LaneKey, Feedback),
     /// An attempt's task panicked: the engine cannot account for its slot.
     Panicked(RequestId),
-}
-
-/// Which lanes are paused, until when (wall-clock ms) and why: written by
-/// the loop as attempts finish, read by the status view (SPEC §10).
-#[derive(Clone, Default)]
-pub struct Pauses(Arc<std::sync::Mutex<HashMap<LaneKey, (u64, PauseReason)>>>);
-
-impl Pauses {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LaneKey, (u64, PauseReason)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The lane's pause, if it lasts beyond now.
-    pub fn of(&self, lane: &LaneKey) -> Option<(u64, PauseReason)> {
-        self.lock()
-            .get(lane)
-            .copied()
-            .filter(|(until, _)| *until > now_ms())
-    }
-
-    /// A pause heard from the lane's shared limits (another node's).
-    fn set(&self, lane: LaneKey, until: u64, why: PauseReason) {
-        self.lock().insert(lane, (until, why));
-    }
-
-    fn publish(&self, lane: LaneKey, sched: &Scheduler) {
-        let now = Instant::now();
-        let mut map = self.lock();
-        match sched.pause_of(&lane, now) {
-            Some((until, why)) => {
-                let wall = now_ms().saturating_add((until - now).as_millis() as u64);
-                map.insert(lane, (wall, why));
-            }
-            None => {
-                map.remove(&lane);
-            }
-        }
-        // Pauses past their end are dropped now and then, not kept forever.
-        if map.len() > 1024 {
-            let now = now_ms();
-            map.retain(|_, (until, _)| *until > now);
-        }
-    }
-
-    /// Lanes paused beyond now, by reason (every reason, zeros included):
-    /// the metrics' `asyncgate_lanes_paused`.
-    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
-        let now = now_ms();
-        let map = self.lock();
-        PauseReason::ALL
-            .iter()
-            .map(|&why| {
-                let n = map
-                    .values()
-                    .filter(|(until, r)| *r == why && *until > now)
-                    .count();
-                (why.as_str(), n as u64)
-            })
-            .collect()
-    }
 }
 
 /// How HTTP handlers (on other threads) wake the loop after a commit.

@@ -9,7 +9,7 @@ use serde::{Serialize, Serializer};
 
 use super::{ApiError, State};
 use crate::callback::response_url;
-use crate::model::{CallbackPhase, RequestId, RequestRecord, Status};
+use crate::model::{CallbackPhase, RequestId, RequestRecord, Status, now_ms};
 
 /// The status body: the fields each status shows, in order.
 #[derive(Serialize)]
@@ -51,10 +51,14 @@ impl StatusView {
         // Queue position and pauses concern a queued request only (the
         // pause map is behind the dispatcher's lock).
         let (ahead, paused) = if queued {
-            (
-                Some(state.store.ahead(rec).await?),
-                state.pauses.of(&rec.lane),
-            )
+            // This node's own pauses, or what the upstream taught any node,
+            // whichever lasts longer.
+            let shared = state.store.lane_pause(&rec.lane, now_ms()).await?;
+            let paused = match (state.pauses.of(&rec.lane), shared) {
+                (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            (Some(state.store.ahead(rec).await?), paused)
         } else {
             (None, None)
         };

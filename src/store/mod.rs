@@ -345,6 +345,21 @@ impl Store {
         }
     }
 
+    /// On a store several nodes share, the lane's pause as the upstream
+    /// taught any node (until, in wall-clock ms, and why), if it lasts
+    /// beyond `now_ms`; `None` on the embedded store (its one dispatcher
+    /// knows).
+    pub async fn lane_pause(
+        &self,
+        lane: &LaneKey,
+        now_ms: u64,
+    ) -> Result<Option<(u64, crate::scheduler::PauseReason)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(None),
+            Backend::Pg(s) => s.lane_pause(*lane, now_ms).await,
+        }
+    }
+
     /// On a store several nodes share: the value every node's key file
     /// must unseal (`None` before the first node sealed it). The embedded
     /// store has its own check (`first_sealed`).

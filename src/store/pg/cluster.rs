@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,8 @@ pub struct Node {
     /// presumed it dead.
     lease: Mutex<Instant>,
     timeout: Duration,
+    /// Set by a clean stop: the life is over, its heartbeat ends.
+    left: AtomicBool,
     /// The data dir's lock, held for the process's life.
     _dir: File,
 }
@@ -81,6 +84,7 @@ impl Node {
             name,
             lease: Mutex::new(asked + timeout),
             timeout,
+            left: AtomicBool::new(false),
             _dir: lock,
         })
     }
@@ -132,7 +136,7 @@ impl Beat {
         let every = self.node.timeout() / 4;
         loop {
             tokio::time::sleep(every).await;
-            if self.fatal.failed().is_some() {
+            if self.fatal.failed().is_some() || self.node.left.load(Ordering::Relaxed) {
                 return;
             }
             let asked = Instant::now();
@@ -256,6 +260,7 @@ impl PgStore {
         let keep = self.unknown_keep_ms;
         let notes = self.notes.clone();
         *self.node.lease() = Instant::now();
+        self.node.left.store(true, Ordering::Relaxed);
         self.with(move |mut c| async move {
             let tx = c.transaction().await?;
             tx.execute("UPDATE nodes SET dead = true WHERE id = $1", &[&id])

@@ -227,6 +227,30 @@ impl PgStore {
             .collect())
     }
 
+    /// The lane's pause, if it lasts beyond `now_ms`.
+    pub async fn lane_pause(
+        &self,
+        lane: LaneKey,
+        now_ms: u64,
+    ) -> Result<Option<(u64, PauseReason)>, StoreError> {
+        self.with(move |c| async move {
+            let sql = "SELECT paused_until_ms, pause_reason FROM lanes
+                       WHERE lane = $1 AND paused_until_ms > $2";
+            let Some(r) = c
+                .query_opt(&c.prepare_cached(sql).await?, &[&&lane[..], &big(now_ms)])
+                .await?
+            else {
+                return Ok(None);
+            };
+            let until: i64 = r.try_get(0)?;
+            let why: Option<i16> = r.try_get(1)?;
+            Ok(why
+                .and_then(|c| PauseReason::ALL.get(c.max(0) as usize).copied())
+                .map(|why| (until.max(0) as u64, why)))
+        })
+        .await
+    }
+
     /// What an attempt's end teaches its lane, on every node: what the
     /// upstream said of its limits (refusals, `Retry-After`, the
     /// `X-RateLimit-*` headers). Failing to reach it is this node's
@@ -261,9 +285,13 @@ impl PgStore {
                 return Ok(());
             };
             let now: i64 = r.try_get(0)?;
-            let mut pace = shared(&r, 1)?;
+            let was = shared(&r, 1)?;
+            let mut pace = was.clone();
             pace.finished(now.max(0) as u64, feedback);
-            write(&tx, &lane, &pace).await?;
+            // Most answers repeat what the lane knows: nothing to write.
+            if pace != was {
+                write(&tx, &lane, &pace).await?;
+            }
             tx.commit().await?;
             Ok(())
         })
