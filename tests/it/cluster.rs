@@ -47,7 +47,7 @@ pub fn database(test: &str) -> Option<String> {
 /// dir and a log file per node name in a temporary dir.
 pub struct Cluster {
     dir: tempfile::TempDir,
-    db: String,
+    pub db: String,
     upstream: String,
     extra: Vec<String>,
     names: RefCell<Vec<String>>,
@@ -141,6 +141,20 @@ impl Drop for Cluster {
                 );
             }
         }
+    }
+}
+
+/// What the database's sessions are doing (for a failure's message): a
+/// node stopped inside a transaction shows as `idle in transaction`, and
+/// whatever waits on its locks as `Lock`.
+pub fn sessions(db: &str) -> String {
+    let sql = "SELECT pid, state, wait_event_type, wait_event, \
+               date_trunc('second', now() - xact_start), left(query, 160) \
+               FROM pg_stat_activity WHERE datname = current_database() \
+               AND pid <> pg_backend_pid() AND state <> 'idle'";
+    match Command::new("psql").args([db, "-XAtq", "-c", sql]).output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => format!("psql: {e}"),
     }
 }
 

@@ -109,7 +109,8 @@ async fn a_node_stopped_past_the_heartbeat_timeout_is_fenced() {
         }
         assert!(
             Instant::now() < deadline,
-            "C's requests were never settled: {all:?}"
+            "C's requests were never settled: {all:?}\nbusy sessions (pid|state|wait|event|in transaction for|query):\n{}",
+            super::sessions(&cluster.db)
         );
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     };
