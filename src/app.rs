@@ -81,6 +81,11 @@ pub async fn start(upstream_base: &str, args: &GatewayArgs) -> Result<Running, A
             "--max-body-size and --max-response-size are at most 1GiB".into(),
         ));
     }
+    if args.store.is_some() && args.node_heartbeat_timeout < std::time::Duration::from_secs(1) {
+        return Err(AppError::Config(
+            "--node-heartbeat-timeout must be at least 1s".into(),
+        ));
+    }
     if args.per_credential_rps == Some(0) {
         return Err(AppError::Config(
             "--per-credential-rps must be at least 1 (leave it out for no limit)".into(),

@@ -185,16 +185,10 @@ impl Callbacks {
         if free == 0 {
             return Ok(Vec::new());
         }
-        // Entries being delivered stay in the index (at their due time)
-        // until they end: read past them.
-        let due: Vec<_> = self
+        let due = self
             .store
-            .take_due_callbacks(now_ms(), busy.len() + free, LEASE.as_millis() as u64)
-            .await?
-            .into_iter()
-            .filter(|(_, id, _)| !busy.contains(id))
-            .take(free)
-            .collect();
+            .take_due_callbacks(now_ms(), busy, free, LEASE.as_millis() as u64)
+            .await?;
         if due.is_empty() {
             return Ok(due);
         }

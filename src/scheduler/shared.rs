@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{Feedback, Lane, Limits, PauseReason, WINDOW};
+use super::{Feedback, Lane, Limits, MAX_PAUSE, PauseReason, WINDOW};
 
 /// A lane row's pacing columns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,8 +35,11 @@ pub struct Taken {
 }
 
 /// Sends kept in a row while no limit is known: enough for any
-/// per-second limit an API learns us later, within its first second.
+/// per-second limit an API teaches later, within its first second.
 const SENDS_KEPT: usize = 100;
+/// Sends kept in a row at most, whatever the limit: a limit above it is
+/// enforced by each node alone.
+const SENDS_MAX: usize = 10_000;
 
 /// Instants for the database's milliseconds, anchored at one moment.
 struct Clock {
@@ -67,10 +70,14 @@ impl Clock {
 }
 
 impl SharedLane {
+    /// The row as a `Lane` now. Times past now are clamped (a send cannot
+    /// be in the future, a pause cannot pass `MAX_PAUSE`): a clock that
+    /// stepped back must not hold the lane for the length of the step.
     fn lane(&self, clock: &Clock, in_flight: usize) -> Lane {
+        let latest = clock.now_ms.saturating_add(MAX_PAUSE.as_millis() as u64);
         Lane {
             in_flight,
-            paused_until: self.paused_until_ms.map(|ms| clock.instant(ms)),
+            paused_until: self.paused_until_ms.map(|ms| clock.instant(ms.min(latest))),
             pause_reason: self.pause_reason,
             refusals: self.refusals,
             outages: self.outages,
@@ -79,7 +86,7 @@ impl SharedLane {
             sent: self
                 .sent_ms
                 .iter()
-                .map(|&ms| clock.instant(ms))
+                .map(|&ms| clock.instant(ms.min(clock.now_ms)))
                 .collect::<VecDeque<_>>(),
             ..Lane::default()
         }
@@ -122,7 +129,7 @@ impl SharedLane {
         }
         lane.forget_sends_before(now);
         let kept = lane.rps(limits).map_or(SENDS_KEPT, |n| n as usize);
-        while lane.sent.len() > kept.min(SENDS_KEPT) {
+        while lane.sent.len() > kept.min(SENDS_MAX) {
             lane.sent.pop_front();
         }
         self.keep(&lane, &clock);
@@ -236,6 +243,45 @@ mod tests {
         assert_eq!(lane.paused_until_ms, None);
         lane.finished(55_100, answered(10));
         assert_eq!((lane.refusals, lane.outages), (0, 0));
+    }
+
+    #[test]
+    fn limits_above_a_hundred_keep_their_whole_window() {
+        let mut lane = SharedLane {
+            learned_rps: Some(150),
+            ..SharedLane::default()
+        };
+        assert_eq!(
+            lane.take(
+                5_000,
+                0,
+                120,
+                &Limits {
+                    per_lane_concurrency: 1_000,
+                    ..LIMITS
+                }
+            )
+            .go,
+            120
+        );
+        assert_eq!(lane.sent_ms.len(), 120);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_holds_no_lane() {
+        let mut lane = SharedLane {
+            learned_rps: Some(1),
+            sent_ms: vec![90_000],
+            paused_until_ms: Some(u64::MAX / 2),
+            pause_reason: Some(PauseReason::RateLimited),
+            ..SharedLane::default()
+        };
+        // The database's clock went back to 10 s: the send "at 90 s" counts
+        // as now, the absurd pause as a day.
+        let t = lane.take(10_000, 0, 1, &LIMITS);
+        assert_eq!(t.go, 0);
+        let day = MAX_PAUSE.as_millis() as u64;
+        assert_eq!(t.held, Some((Some(day), Some(PauseReason::RateLimited))));
     }
 
     #[test]

@@ -420,18 +420,26 @@ impl Store {
         }
     }
 
-    /// The callbacks due now, to deliver: on a store several nodes share,
-    /// each is leased to this node for `lease_ms` (moved that far ahead).
+    /// Up to `free` callbacks due now that no one is delivering (the
+    /// `busy` ones are this node's). On a store several nodes share, each
+    /// is leased to this node for `lease_ms`.
     pub async fn take_due_callbacks(
         &self,
         now_ms: u64,
-        limit: usize,
+        busy: &std::collections::HashSet<RequestId>,
+        free: usize,
         lease_ms: u64,
     ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
-        match &self.backend {
-            Backend::Sled(s) => s.due_callbacks(now_ms, limit),
-            Backend::Pg(s) => s.lease_callbacks(now_ms, limit, lease_ms).await,
-        }
+        let due = match &self.backend {
+            // Entries being delivered stay in the index at their due time.
+            Backend::Sled(s) => s.due_callbacks(now_ms, busy.len() + free)?,
+            Backend::Pg(s) => s.lease_callbacks(now_ms, free, lease_ms).await?,
+        };
+        Ok(due
+            .into_iter()
+            .filter(|(_, id, _)| !busy.contains(id))
+            .take(free)
+            .collect())
     }
 
     /// Settles one attempt; false if its claim was stale (nothing changed).

@@ -22,6 +22,7 @@
 //! across nodes).
 
 mod cluster;
+mod lives;
 mod notify;
 mod ops;
 mod pace;
@@ -45,7 +46,8 @@ use super::fatal::Fatal;
 use super::waiters::Waiters;
 use crate::model::{LaneKey, RequestId};
 use crate::scheduler::Limits;
-use cluster::{Beat, Node};
+use cluster::Node;
+use lives::Lives;
 use notify::{Inbox, Notes};
 
 /// Connections to the database. A submission holds one for its
@@ -60,6 +62,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest any statement may run, and the longest unacknowledged data
 /// may sit on a connection, before the operation fails.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest a transaction may sit idle, or a statement wait for a lock
+/// (less with a short heartbeat timeout: a third of it).
+const GUARD_MAX: Duration = Duration::from_secs(10);
 
 pub struct PgConfig {
     /// `postgres://user:password@host:port/database` (libpq's URL form).
@@ -148,9 +154,19 @@ impl PgStore {
                 .map_err(|e| StoreError::Format(format!("--store: {e}")))?;
             // A 202 waits for a durable commit, whatever the server's or
             // the role's default says; no statement runs unbounded.
+            // A node that stops mid-transaction (killed, stopped, cut off)
+            // must not hold its locks (on its life's row, on lane rows)
+            // past a fraction of the heartbeat timeout, nor may anyone
+            // wait on a lock longer; the server notices a silent client
+            // by its own keepalives.
+            let guard = (heartbeat_timeout / 3).clamp(Duration::from_secs(1), GUARD_MAX);
             let ours = format!(
-                "-c synchronous_commit=on -c statement_timeout={}",
-                STATEMENT_TIMEOUT.as_millis()
+                "-c synchronous_commit=on -c statement_timeout={} \
+                 -c idle_in_transaction_session_timeout={} -c lock_timeout={} \
+                 -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+                STATEMENT_TIMEOUT.as_millis(),
+                guard.as_millis(),
+                guard.as_millis(),
             );
             let options = match pg.get_options() {
                 Some(o) => format!("{o} {ours}"),
@@ -212,18 +228,21 @@ impl PgStore {
         let inbox: Inbox = Arc::default();
         let (notes, noted) = notify::channel();
         handle.spawn(notify::send(pool.clone(), noted));
-        handle.spawn(notify::listen(listener, waiters.clone(), inbox.clone()));
+        handle.spawn(notify::listen(
+            listener.clone(),
+            waiters.clone(),
+            inbox.clone(),
+        ));
         handle.spawn(notify::safety_net(pool.clone(), waiters.clone()));
-        handle.spawn(
-            Beat {
-                pool: pool.clone(),
-                node: node.clone(),
-                fatal: fatal.clone(),
-                notes: notes.clone(),
-                unknown_keep_ms,
-            }
-            .run(),
-        );
+        Lives {
+            config: listener,
+            pool: pool.clone(),
+            node: node.clone(),
+            fatal: fatal.clone(),
+            notes: notes.clone(),
+            unknown_keep_ms,
+        }
+        .spawn(&handle);
         Ok(PgStore {
             pool,
             handle,

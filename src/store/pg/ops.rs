@@ -94,7 +94,10 @@ impl PgStore {
                 })
                 .await;
             match tried {
-                Ok(changed) => return Ok(changed),
+                Ok(changed) => {
+                    self.node.in_flight().remove(&settled_id(&op));
+                    return Ok(changed);
+                }
                 // Only the database's failures may pass (a dropped
                 // connection, a failover, a timeout); a row that cannot be
                 // read, or a store that failed for good, will not mend.
@@ -108,6 +111,8 @@ impl PgStore {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
+                // Kept in flight: the life's own orphan check must not
+                // requeue what may have been sent.
                 Err(e) => return Err(e),
             }
         }

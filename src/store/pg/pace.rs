@@ -98,11 +98,18 @@ impl PgStore {
         let (limits, node) = (self.limits, self.node.id());
         let (claimed, verdict) = self
             .with(move |mut c| async move {
-                let names: Vec<Vec<u8>> = wanted.iter().map(|(l, _)| l.to_vec()).collect();
+                // Sorted: two claims making the same new lanes' rows take
+                // them in one order, never each waiting for the other.
+                let mut names: Vec<Vec<u8>> = wanted.iter().map(|(l, _)| l.to_vec()).collect();
+                names.sort();
                 let tx = c.transaction().await?;
+                // Only lanes with no row yet: an insert meeting a row that
+                // another transaction is changing would wait for it.
                 let ensure = tx
                     .prepare_cached(
-                        "INSERT INTO lanes (lane) SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING",
+                        "INSERT INTO lanes (lane) SELECT l FROM unnest($1::bytea[]) AS l
+                         WHERE NOT EXISTS (SELECT 1 FROM lanes WHERE lane = l)
+                         ON CONFLICT DO NOTHING",
                     )
                     .await?;
                 let lock = tx
@@ -136,22 +143,25 @@ impl PgStore {
                     .iter()
                     .map(|(l, _)| (*l, (0, Some((ROW_BUSY, None)))))
                     .collect();
-                let mut go: Vec<(LaneKey, SharedLane, usize)> = Vec::new();
+                let mut go: Vec<(LaneKey, SharedLane, SharedLane, usize)> = Vec::new();
                 for r in &locked {
                     let lane = row::lane(r.try_get(0)?)?;
                     let now: i64 = r.try_get(1)?;
-                    let mut pace = shared(r, 2)?;
+                    let was = shared(r, 2)?;
+                    let mut pace = was.clone();
                     let k = wanted.iter().find(|(l, _)| *l == lane).map_or(0, |w| w.1);
                     let in_flight = running.get(&lane).copied().unwrap_or(0);
                     let taken = pace.take(now.max(0) as u64, in_flight, k, &limits);
                     let held = taken.held.map(|(after, why)| {
-                        (after.map_or(SLOTS_FULL, Duration::from_millis), why)
+                        (
+                            after.map_or(SLOTS_FULL, |ms| Duration::from_millis(ms.max(1))),
+                            why,
+                        )
                     });
                     verdict.insert(lane, (taken.go, held));
-                    go.push((lane, pace, taken.go));
+                    go.push((lane, was, pace, taken.go));
                 }
-                let taking: Vec<&(LaneKey, SharedLane, usize)> =
-                    go.iter().filter(|g| g.2 > 0).collect();
+                let taking: Vec<_> = go.iter().filter(|g| g.3 > 0).collect();
                 let sql = format!(
                     "WITH want AS (SELECT * FROM unnest($1::bytea[], $2::int[]) AS w(lane, k)),
                      picked AS (
@@ -167,13 +177,18 @@ impl PgStore {
                     qualified("requests")
                 );
                 let take_names: Vec<Vec<u8>> = taking.iter().map(|g| g.0.to_vec()).collect();
-                let take_counts: Vec<i32> = taking.iter().map(|g| g.2 as i32).collect();
+                let take_counts: Vec<i32> = taking.iter().map(|g| g.3 as i32).collect();
                 let rows = if taking.is_empty() {
                     Vec::new()
                 } else {
                     tx.query(
                         &tx.prepare_cached(&sql).await?,
-                        &[&take_names, &take_counts, &big(crate::model::now_ms()), &node],
+                        &[
+                            &take_names,
+                            &take_counts,
+                            &big(crate::model::now_ms()),
+                            &node,
+                        ],
                     )
                     .await?
                 };
@@ -186,11 +201,15 @@ impl PgStore {
                     *got.entry(rec.lane).or_default() += 1;
                     claimed.push((rec, body.unwrap_or_default()));
                 }
-                // Sends counted for requests that were not there are not sends.
-                let writes = go.iter_mut().map(|(lane, pace, n)| {
+                // Sends counted for requests that were not there are not
+                // sends; a row that learned nothing is not written.
+                for (lane, _, pace, n) in go.iter_mut() {
                     pace.unsend(n.saturating_sub(got.get(lane).copied().unwrap_or(0)));
-                    write(&tx, lane, pace)
-                });
+                }
+                let writes = go
+                    .iter()
+                    .filter(|(_, was, pace, _)| pace != was)
+                    .map(|(lane, _, pace, _)| write(&tx, lane, pace));
                 try_join_all(writes).await?;
                 tx.commit().await?;
                 Ok::<_, StoreError>((claimed, verdict))
@@ -198,11 +217,13 @@ impl PgStore {
             .await?;
         let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
         let mut bodies = self.lock_claimed();
+        let mut in_flight = self.node.in_flight();
         for (rec, body) in claimed {
+            in_flight.insert(rec.id);
             bodies.insert(rec.id, body);
             by_lane.entry(rec.lane).or_default().push(rec);
         }
-        drop(bodies);
+        drop((bodies, in_flight));
         let mut got: HashMap<LaneKey, usize> = HashMap::new();
         for (lane, recs) in by_lane.iter_mut() {
             recs.sort_by_key(|r| std::cmp::Reverse(r.seq));
@@ -234,10 +255,13 @@ impl PgStore {
         now_ms: u64,
     ) -> Result<Option<(u64, PauseReason)>, StoreError> {
         self.with(move |c| async move {
-            let sql = "SELECT paused_until_ms, pause_reason FROM lanes
-                       WHERE lane = $1 AND paused_until_ms > $2";
+            // Until when, on this node's clock.
+            let sql = format!(
+                "SELECT $2 + (paused_until_ms - {NOW_MS}), pause_reason FROM lanes
+                 WHERE lane = $1 AND paused_until_ms > {NOW_MS}"
+            );
             let Some(r) = c
-                .query_opt(&c.prepare_cached(sql).await?, &[&&lane[..], &big(now_ms)])
+                .query_opt(&c.prepare_cached(&sql).await?, &[&&lane[..], &big(now_ms)])
                 .await?
             else {
                 return Ok(None);
@@ -276,10 +300,12 @@ impl PgStore {
             _ => {}
         }
         self.with(move |mut c| async move {
-            let tx = c.transaction().await?;
-            let sql = format!("SELECT {NOW_MS}, {PACE} FROM lanes WHERE lane = $1 FOR UPDATE");
-            let Some(r) = tx
-                .query_opt(&tx.prepare_cached(&sql).await?, &[&&lane[..]])
+            // A look without a lock first: most answers repeat what the
+            // lane knows (the same limit), and a lock would make claims
+            // skip the lane meanwhile.
+            let look = format!("SELECT {NOW_MS}, {PACE} FROM lanes WHERE lane = $1");
+            let Some(r) = c
+                .query_opt(&c.prepare_cached(&look).await?, &[&&lane[..]])
                 .await?
             else {
                 return Ok(());
@@ -288,10 +314,21 @@ impl PgStore {
             let was = shared(&r, 1)?;
             let mut pace = was.clone();
             pace.finished(now.max(0) as u64, feedback);
-            // Most answers repeat what the lane knows: nothing to write.
-            if pace != was {
-                write(&tx, &lane, &pace).await?;
+            if pace == was {
+                return Ok(());
             }
+            let tx = c.transaction().await?;
+            let sql = format!("{look} FOR UPDATE");
+            let Some(r) = tx
+                .query_opt(&tx.prepare_cached(&sql).await?, &[&&lane[..]])
+                .await?
+            else {
+                return Ok(());
+            };
+            let now: i64 = r.try_get(0)?;
+            let mut pace = shared(&r, 1)?;
+            pace.finished(now.max(0) as u64, feedback);
+            write(&tx, &lane, &pace).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -1,5 +1,6 @@
 //! The PostgreSQL store's reads: one query each, on an index.
 
+use super::pace::NOW_MS;
 use super::row::{self, COLS, big};
 use super::{PgStore, StoreError};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
@@ -178,14 +179,18 @@ impl PgStore {
         .await
     }
 
+    /// Callback events due by `now_ms`, by when they are due: a leased one
+    /// (another node delivering it) not before its lease ends.
     pub async fn due_callbacks(
         &self,
         now_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
         self.with(move |c| async move {
-            let sql = "SELECT due_ms, id, event, status, attempts FROM callbacks
-                       WHERE due_ms <= $1 ORDER BY due_ms, id LIMIT $2";
+            let sql = "SELECT greatest(due_ms, coalesce(lease_until, 0)) AS at,
+                        id, event, status, attempts FROM callbacks
+                       WHERE greatest(due_ms, coalesce(lease_until, 0)) <= $1
+                       ORDER BY at, id LIMIT $2";
             let rows = c
                 .query(
                     &c.prepare_cached(sql).await?,
@@ -222,9 +227,10 @@ impl PgStore {
         .await
     }
 
-    /// The callbacks due now, each moved `lease_ms` ahead so that no other
-    /// node delivers it meanwhile (one that dies mid-delivery leaves it to
-    /// the others when the lease ends); the entries as they are now.
+    /// Up to `limit` callbacks due now that no node is delivering, each
+    /// leased to this life for `lease_ms` (on the database's clock: one
+    /// that dies mid-delivery leaves it to the others when the lease ends,
+    /// or at once when its life is found dead).
     pub async fn lease_callbacks(
         &self,
         now_ms: u64,
@@ -233,16 +239,18 @@ impl PgStore {
     ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
         let node = self.node.id();
         self.with(move |c| async move {
-            let sql = "UPDATE callbacks c SET due_ms = $3, leased_by = $4 FROM (
-                    SELECT due_ms, id FROM callbacks WHERE due_ms <= $1
+            let sql = format!(
+                "UPDATE callbacks c SET leased_by = $3, lease_until = {NOW_MS} + $4 FROM (
+                    SELECT due_ms, id FROM callbacks
+                    WHERE due_ms <= $1 AND (lease_until IS NULL OR lease_until <= {NOW_MS})
                     ORDER BY due_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED) p
                  WHERE c.due_ms = p.due_ms AND c.id = p.id
-                 RETURNING c.due_ms, c.id, c.event, c.status, c.attempts";
-            let until = big(now_ms.saturating_add(lease_ms));
+                 RETURNING c.due_ms, c.id, c.event, c.status, c.attempts"
+            );
             let rows = c
                 .query(
-                    &c.prepare_cached(sql).await?,
-                    &[&big(now_ms), &big(limit as u64), &until, &node],
+                    &c.prepare_cached(&sql).await?,
+                    &[&big(now_ms), &big(limit as u64), &node, &big(lease_ms)],
                 )
                 .await?;
             rows.iter().map(due).collect()

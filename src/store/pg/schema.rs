@@ -82,6 +82,11 @@ CREATE TABLE nodes (
     started_ms   bigint NOT NULL,
     -- The database's clock at the last heartbeat.
     heartbeat_ms bigint NOT NULL,
+    -- Its own --node-heartbeat-timeout: silent longer, it is presumed dead.
+    timeout_ms   bigint NOT NULL,
+    -- The host and boot it runs on: a life of the same name elsewhere is
+    -- not a previous life of this one (a cloned data dir).
+    host         text NOT NULL,
     -- Presumed dead by the others (or stopped): it may change nothing more.
     dead         boolean NOT NULL DEFAULT false
 );
@@ -92,8 +97,9 @@ ALTER TABLE requests ADD COLUMN node bigint;
 -- Attempts in flight per lane, on every node.
 CREATE INDEX requests_started ON requests (lane) WHERE status = 1;
 
--- Which life delivers a callback now (its lease: `due_ms` moved ahead).
-ALTER TABLE callbacks ADD COLUMN leased_by bigint;
+-- Which life delivers a callback now, until when (the database's clock).
+ALTER TABLE callbacks ADD COLUMN leased_by bigint, ADD COLUMN lease_until bigint;
+CREATE INDEX callbacks_leased ON callbacks (leased_by) WHERE leased_by IS NOT NULL;
 
 -- A lane's pacing, shared by the nodes (times on the database's clock).
 ALTER TABLE lanes

@@ -17,6 +17,13 @@ pub fn qualified(table: &str) -> String {
         .join(", ")
 }
 
+/// The two-key advisory lock of a lane (a key space of its own, apart
+/// from the one-key locks of migrations, sweeps and takeovers).
+fn lane_lock(lane: &crate::model::LaneKey) -> (i32, i32) {
+    let word = |i: usize| i32::from_be_bytes([lane[i], lane[i + 1], lane[i + 2], lane[i + 3]]);
+    (word(0), word(4))
+}
+
 pub fn settled_id(op: &Settle) -> RequestId {
     match op {
         Settle::Requeue { id, .. } | Settle::Complete { id, .. } | Settle::Unknown { id, .. } => {
@@ -68,14 +75,14 @@ pub async fn insert(
         }
     }
     if let Some(cap) = new.max_pending {
-        // The lane's row serializes capped submissions to it.
+        // A lock of the lane's own serializes capped submissions to it (not
+        // the lane's row, which claims take: a busy submitter would make
+        // them skip its lane).
+        let (hi, lo) = lane_lock(&new.lane);
         tx.execute(
-            &tx.prepare_cached(
-                "INSERT INTO lanes (lane) VALUES ($1)
-             ON CONFLICT (lane) DO UPDATE SET lane = excluded.lane",
-            )
-            .await?,
-            &[&lane],
+            &tx.prepare_cached("SELECT pg_advisory_xact_lock($1, $2)")
+                .await?,
+            &[&hi, &lo],
         )
         .await?;
         let n: i64 = tx
