@@ -41,6 +41,30 @@ pub fn embedded_only(why: &str) -> bool {
     false
 }
 
+/// On a PostgreSQL run, a fresh database on the cluster for several
+/// gateways to share (the multi-node tests, SPEC §12): its URL. `name`
+/// says whose it is; each call makes a new one.
+pub fn shared_database(name: &str) -> Option<String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static MADE: AtomicUsize = AtomicUsize::new(0);
+    let cluster = postgres()?;
+    let tag: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(32)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let name = format!(
+        "shared_{tag}_{}_{}",
+        std::process::id(),
+        MADE.fetch_add(1, Ordering::Relaxed)
+    );
+    psql(&cluster, &format!("DROP DATABASE IF EXISTS {name}"));
+    psql(&cluster, &format!("CREATE DATABASE {name}"));
+    let (base, _) = cluster.rsplit_once('/').expect("a database URL");
+    Some(format!("{base}/{name}"))
+}
+
 /// On a PostgreSQL run, the data dir's database as `pg_dump` writes it
 /// (bytea in hex): what an attacker with the database's files would read.
 pub fn database_dump(data_dir: &Path) -> Option<String> {

@@ -9,6 +9,7 @@ mod callback;
 mod callback_events;
 mod callback_guard;
 mod callback_signed;
+mod cluster;
 mod crash;
 mod disk;
 mod execute;
