@@ -27,6 +27,9 @@ const QUEUED: &str = "asyncgate_queued";
 const FINISHED: &str = "asyncgate_finished";
 /// Under PostgreSQL's 8000-byte payload limit.
 const PAYLOAD: usize = 7_800;
+/// How long notes gather before they go: a wake-up across nodes waits this
+/// much more, and a busy node sends a hundred a second at most.
+const GATHER: Duration = Duration::from_millis(10);
 /// How often a node looks at the requests its long-polls wait for, in
 /// case a note was lost.
 pub const SAFETY_NET: Duration = Duration::from_secs(2);
@@ -60,9 +63,11 @@ pub fn channel() -> (Notes, mpsc::UnboundedReceiver<Note>) {
     (Notes(tx), rx)
 }
 
-/// Sends what this node noted, as few `pg_notify` calls as it takes.
+/// Sends what this node noted, as few `pg_notify` calls as it takes: at
+/// most one a `GATHER` (each is a commit, and every node reads each).
 pub async fn send(pool: Pool, mut rx: mpsc::UnboundedReceiver<Note>) {
     while let Some(first) = rx.recv().await {
+        tokio::time::sleep(GATHER).await;
         let mut lanes: HashSet<LaneKey> = HashSet::new();
         let mut ids: HashSet<RequestId> = HashSet::new();
         let mut next = Some(first);

@@ -12,8 +12,7 @@ use std::time::Duration;
 use futures_util::future::{try_join_all, try_join3};
 use tokio_postgres::Row;
 
-use super::row::{self, big, small};
-use super::tx::qualified;
+use super::row::{self, COLS, big, small};
 use super::{PgStore, StoreError};
 use crate::model::{LaneKey, RequestRecord};
 use crate::scheduler::{Feedback, Hints, PauseReason, SharedLane};
@@ -162,6 +161,8 @@ impl PgStore {
                     go.push((lane, was, pace, taken.go));
                 }
                 let taking: Vec<_> = go.iter().filter(|g| g.3 > 0).collect();
+                // `id = ANY(ARRAY(...))`: primary-key lookups, never the
+                // hash join over the whole table a join may be planned as.
                 let sql = format!(
                     "WITH want AS (SELECT * FROM unnest($1::bytea[], $2::int[]) AS w(lane, k)),
                      picked AS (
@@ -172,9 +173,8 @@ impl PgStore {
                             FOR UPDATE SKIP LOCKED) q
                         WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $4 AND NOT dead FOR SHARE))
                      UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3, node = $4
-                     FROM picked WHERE requests.id = picked.id
-                     RETURNING {}, requests.body",
-                    qualified("requests")
+                     WHERE id = ANY(ARRAY(SELECT id FROM picked))
+                     RETURNING {COLS}, body"
                 );
                 let take_names: Vec<Vec<u8>> = taking.iter().map(|g| g.0.to_vec()).collect();
                 let take_counts: Vec<i32> = taking.iter().map(|g| g.3 as i32).collect();

@@ -9,14 +9,6 @@ use super::row::{self, COLS, big, small};
 use crate::model::{CallbackState, RequestId, RequestRecord, ResponseHead, Status};
 use crate::store::{NewRequest, Settle, Submitted, codec};
 
-/// Every column of `table`, qualified (an `UPDATE ... FROM` returns them).
-pub fn qualified(table: &str) -> String {
-    COLS.split(", ")
-        .map(|c| format!("{table}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The two-key advisory lock of a lane (a key space of its own, apart
 /// from the one-key locks of migrations, sweeps and takeovers).
 fn lane_lock(lane: &crate::model::LaneKey) -> (i32, i32) {
