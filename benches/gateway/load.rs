@@ -1,4 +1,5 @@
-//! The load generator: N concurrent awc connections against one URL, with
+//! The load generator: N concurrent awc connections against one URL (or
+//! spread over several, connection k on the k-th modulo their number), with
 //! latency percentiles. It runs on its own actix system thread, so the
 //! servers it measures never share its event loop.
 
@@ -53,12 +54,20 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the load to completion on a fresh thread.
 pub fn run(load: Load) -> Stats {
-    std::thread::spawn(move || actix_web::rt::System::new().block_on(drive(load)))
+    let urls = vec![load.url.clone()];
+    run_spread(load, urls)
+}
+
+/// Runs the load with its connections spread evenly over `urls` (its own
+/// `url` unused): one generator, one event loop, as for one URL.
+pub fn run_spread(load: Load, urls: Vec<String>) -> Stats {
+    assert!(!urls.is_empty(), "no URL to load");
+    std::thread::spawn(move || actix_web::rt::System::new().block_on(drive(load, urls)))
         .join()
         .expect("load generator thread")
 }
 
-async fn drive(load: Load) -> Stats {
+async fn drive(load: Load, urls: Vec<String>) -> Stats {
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let lat = Arc::new(Mutex::new(Vec::with_capacity(load.requests.min(1 << 22))));
@@ -66,8 +75,9 @@ async fn drive(load: Load) -> Stats {
     let deadline = start + load.duration;
     let load = Arc::new(load);
     let mut tasks = Vec::new();
-    for _ in 0..load.concurrency {
+    for k in 0..load.concurrency {
         let (load, next, errors, lat) = (load.clone(), next.clone(), errors.clone(), lat.clone());
+        let url = urls[k % urls.len()].clone();
         tasks.push(actix_web::rt::spawn(async move {
             let client = awc::Client::builder()
                 .disable_redirects()
@@ -87,7 +97,7 @@ async fn drive(load: Load) -> Stats {
                     }
                     actix_web::rt::time::sleep_until(due.into()).await;
                 }
-                let url = load.url.replace("{i}", &i.to_string());
+                let url = url.replace("{i}", &i.to_string());
                 let mut req = client.request(load.method.parse().expect("method"), url);
                 for (n, v) in &load.headers {
                     match v.contains("{i}") {

@@ -7,18 +7,20 @@
 //!     cargo bench --bench gateway -- --steady-secs 300   # a shorter steady state (default 1800)
 //!     cargo bench --bench gateway -- --only pending   # one scenario: accept, polls, e2e,
 //!                                                     # dispatch, pending, sweep, held,
-//!                                                     # bulk, keyed, postgres or steady
+//!                                                     # bulk, keyed, postgres, cluster
+//!                                                     # or steady
 //!
 //! Timings never fail anything: the table says which targets were met.
 
+mod cluster;
 mod load;
 mod postgres;
+mod report;
 mod retention;
 mod scripts;
 mod servers;
 mod steady;
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -173,6 +175,16 @@ fn main() {
             scratch.path(),
         ));
     }
+    if run("cluster") {
+        eprintln!("three nodes on one PostgreSQL beside one node ...");
+        rows.extend(cluster::compare(
+            sizes.load_secs,
+            sizes.e2e,
+            &upstream_url,
+            &up_state,
+            scratch.path(),
+        ));
+    }
     if run("steady") {
         // 70% of the drain rate measured in this run (a small drain first
         // when the end-to-end scenario did not run).
@@ -194,14 +206,14 @@ fn main() {
         ));
     }
 
-    let table = render(&rows);
+    let table = report::render(&rows);
     println!("{table}");
     if !quick && only.is_none() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
         // The findings written by hand below the table are kept.
         let old = std::fs::read_to_string(path).unwrap_or_default();
         let findings = old.find(FINDINGS).map_or("", |at| &old[at..]);
-        std::fs::write(path, results_md(&table) + findings).expect("write RESULTS.md");
+        std::fs::write(path, report::results_md(&table) + findings).expect("write RESULTS.md");
         eprintln!("written to {path}");
     }
 }
@@ -445,48 +457,4 @@ pub(crate) fn metric(base: &str, name: &str) -> String {
             .unwrap_or("?")
             .to_string()
     })
-}
-
-fn render(rows: &[Row]) -> String {
-    let mut t = String::from(
-        "| scenario | asyncgate | baseline (same run) | ratio | target | met |\n| --- | --- | --- | --- | --- | --- |\n",
-    );
-    for r in rows {
-        let ratio = r.ratio.map_or("—".into(), |x| format!("{x:.2}×"));
-        let met = if r.met { "yes" } else { "**no**" };
-        let _ = writeln!(
-            t,
-            "| {} | {} | {} | {ratio} | {} | {met} |",
-            r.scenario, r.figure, r.baseline, r.target
-        );
-    }
-    t
-}
-
-fn results_md(table: &str) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb >> 20);
-    let when = asyncgate::model::format_time(asyncgate::model::now_ms());
-    format!(
-        "# Benchmark results\n\nA full run of `cargo bench --bench gateway` ({when} UTC) on {cores} cores ({cpu}), \
-         {mem} GiB of memory. Everything (load generator, baselines, fake upstream, the release gateway) ran on \
-         127.0.0.1 on this one machine, so they share its 2 cores; ratios against baselines measured in the same \
-         run are the comparison, absolute figures are beside them.\n\n{table}\n"
-    )
 }
