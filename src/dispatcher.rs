@@ -249,6 +249,10 @@ async fn dispatch(
     sched: &mut Scheduler,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> Option<Instant> {
+    // A node whose heartbeat is overdue claims nothing: it could not send.
+    if ctx.store.may_send().is_err() {
+        return Some(Instant::now() + Duration::from_millis(250));
+    }
     loop {
         let now = Instant::now();
         let mut lanes = Vec::new();

@@ -238,6 +238,12 @@ impl Callbacks {
             }
         };
         let webhook_id = format!("{id}_{}", entry.event);
+        // A node the others may have presumed dead delivers nothing: its
+        // lease is theirs (the entry stays, for whoever holds it next).
+        if let Err(e) = self.store.may_send() {
+            log::warn!("callback for {id} not delivered by this node: {e}");
+            return Ok(());
+        }
         let code = match self.send(&target, cb.method, &webhook_id, form).await {
             Ok(code) if (200..300).contains(&code) => {
                 self.metrics.callback_attempt(true);

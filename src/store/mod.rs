@@ -433,7 +433,10 @@ impl Store {
         let due = match &self.backend {
             // Entries being delivered stay in the index at their due time.
             Backend::Sled(s) => s.due_callbacks(now_ms, busy.len() + free)?,
-            Backend::Pg(s) => s.lease_callbacks(now_ms, free, lease_ms).await?,
+            Backend::Pg(s) => {
+                let busy = busy.iter().map(|id| id.0.to_vec()).collect();
+                s.lease_callbacks(now_ms, free, lease_ms, busy).await?
+            }
         };
         Ok(due
             .into_iter()

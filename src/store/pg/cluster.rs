@@ -14,7 +14,7 @@
 //! out. A node coming back under its name settles its previous lives'
 //! `started` requests at once: the data dir's lock says they are over.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -50,8 +50,9 @@ pub struct Node {
     /// whole timeout itself, so a stall of the database (or of this node)
     /// does not make it presume everyone else dead.
     pub(super) beating_since: Mutex<Option<Instant>>,
-    /// The requests this life claimed and has not settled.
-    pub(super) in_flight: Mutex<HashSet<RequestId>>,
+    /// The claims this life made and has not settled (request, claim
+    /// count), registered before the claim commits.
+    pub(super) in_flight: Mutex<HashMap<RequestId, u32>>,
     /// The data dir's lock, held for the process's life.
     _dir: File,
 }
@@ -69,7 +70,7 @@ impl Node {
         self.lease.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn in_flight(&self) -> MutexGuard<'_, HashSet<RequestId>> {
+    pub(super) fn in_flight(&self) -> MutexGuard<'_, HashMap<RequestId, u32>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -83,46 +84,41 @@ impl Node {
         Instant::now() < *self.lease()
     }
 
-    /// Registers a new life of the node whose data dir is `dir`, unless
-    /// the database is held by a gateway of schema 1 or the node's name is
-    /// alive on another host or boot (a copied data dir).
-    pub async fn join(pool: &Pool, dir: &Path, timeout: Duration) -> Result<Node, StoreError> {
+    /// Registers a new life of the node whose data dir is `dir`, its
+    /// sessions named `session`, unless the node's name is alive elsewhere
+    /// (a copied data dir: on another host, or in another directory of
+    /// this one in this boot).
+    pub async fn join(
+        pool: &Pool,
+        dir: &Path,
+        timeout: Duration,
+        session: &str,
+    ) -> Result<Node, StoreError> {
         let (name, lock) = name_of(dir)?;
-        let host = host();
+        let (host, boot) = host();
+        let path = std::fs::canonicalize(dir)?.display().to_string();
         let c = pool.get().await?;
-        let free: bool = c
-            .query_one("SELECT pg_try_advisory_lock_shared($1)", &[&SCHEMA_1_LOCK])
-            .await?
-            .get(0);
-        if !free {
-            return Err(StoreError::Format(
-                "the database is in use by a gateway of an older version (one gateway per \
-                 database): stop it before starting this one"
-                    .into(),
-            ));
-        }
-        c.query_one("SELECT pg_advisory_unlock_shared($1)", &[&SCHEMA_1_LOCK])
-            .await?;
         let sql = format!(
-            "SELECT host FROM nodes WHERE name = $1 AND host <> $2 AND NOT dead
-             AND heartbeat_ms >= {NOW_MS} - timeout_ms"
+            "SELECT host, dir FROM nodes WHERE name = $1 AND NOT dead
+             AND heartbeat_ms >= {NOW_MS} - timeout_ms
+             AND (host <> $2 OR (boot = $3 AND dir <> $4))"
         );
-        if let Some(r) = c.query_opt(&sql, &[&name, &host]).await? {
-            let other: String = r.get(0);
+        if let Some(r) = c.query_opt(&sql, &[&name, &host, &boot, &path]).await? {
+            let (other, at): (String, String) = (r.get(0), r.get(1));
             return Err(StoreError::Format(format!(
-                "node {name} is running on {other}: is {} a copy of its data dir? Delete the \
-                 copy's `node` file to make it a node of its own",
+                "node {name} is running on {other} in {at}: is {} a copy of its data dir? \
+                 Delete the copy's `node` file to make it a node of its own",
                 dir.display()
             )));
         }
         let asked = Instant::now();
         let sql = format!(
-            "INSERT INTO nodes (name, host, timeout_ms, started_ms, heartbeat_ms)
-             VALUES ($1, $2, $3, {NOW_MS}, {NOW_MS}) RETURNING id"
+            "INSERT INTO nodes (name, host, boot, dir, session, timeout_ms, started_ms, heartbeat_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, {NOW_MS}, {NOW_MS}) RETURNING id"
         );
         let timeout_ms = big(timeout.as_millis() as u64);
         let id: i64 = c
-            .query_one(&sql, &[&name, &host, &timeout_ms])
+            .query_one(&sql, &[&name, &host, &boot, &path, &session, &timeout_ms])
             .await?
             .get(0);
         log::info!("node {name} joined the cluster (life {id}, on {host})");
@@ -139,18 +135,36 @@ impl Node {
     }
 }
 
-/// This host's name and boot: the same on every start until a reboot.
-fn host() -> String {
+/// This host's name, and its boot (another after each reboot).
+fn host() -> (String, String) {
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
-    format!(
-        "{} (boot {})",
+    (
         read("/proc/sys/kernel/hostname"),
-        read("/proc/sys/kernel/random/boot_id")
+        read("/proc/sys/kernel/random/boot_id"),
     )
+}
+
+/// Refuses a database a gateway of schema 1 (one per database) still
+/// runs on, before anything is migrated under it.
+pub async fn refuse_schema_1(c: &tokio_postgres::Client) -> Result<(), StoreError> {
+    let free: bool = c
+        .query_one("SELECT pg_try_advisory_lock_shared($1)", &[&SCHEMA_1_LOCK])
+        .await?
+        .get(0);
+    if !free {
+        return Err(StoreError::Format(
+            "the database is in use by a gateway of an older version (one gateway per \
+             database): stop it before starting this one"
+                .into(),
+        ));
+    }
+    c.query_one("SELECT pg_advisory_unlock_shared($1)", &[&SCHEMA_1_LOCK])
+        .await?;
+    Ok(())
 }
 
 /// The node's name, kept in `dir/node` (made on first start), and the

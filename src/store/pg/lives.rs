@@ -76,8 +76,16 @@ impl Lives {
             let asked = Instant::now();
             match c.execute(&sql, &[&self.node.id()]).await {
                 Ok(n) if n > 0 => {
+                    // A beat that came back after the lease had run out
+                    // (a commit that stalled) starts the streak again.
+                    let late = Instant::now() >= *self.node.lease();
                     *self.node.lease() = asked + self.node.timeout();
-                    self.node.beating_since().get_or_insert(asked);
+                    let mut since = self.node.beating_since();
+                    if late {
+                        *since = Some(Instant::now());
+                    } else {
+                        since.get_or_insert(asked);
+                    }
                 }
                 Ok(_) if self.over() => return,
                 Ok(_) => {
@@ -108,10 +116,11 @@ impl Lives {
             if self.over() {
                 return;
             }
-            let steady = self
-                .node
-                .beating_since()
-                .is_some_and(|t| t.elapsed() >= self.node.timeout());
+            let steady = self.node.may_send()
+                && self
+                    .node
+                    .beating_since()
+                    .is_some_and(|t| t.elapsed() >= self.node.timeout());
             if steady {
                 match self.take_over().await {
                     Ok(r) if r.requeued + r.unknown > 0 => log::warn!(
@@ -137,6 +146,21 @@ impl Lives {
     /// `started` requests (one node at a time does it).
     async fn take_over(&self) -> Result<Recovered, StoreError> {
         let mut c = self.pool.get().await?;
+        // Not inside the transaction: ending a session of another role may
+        // be refused, and the takeover goes on without it.
+        let stale = format!("NOT dead AND heartbeat_ms < {NOW_MS} - timeout_ms");
+        let fresh = format!(
+            "EXISTS (SELECT 1 FROM nodes me WHERE me.id = $1 AND NOT me.dead
+             AND me.heartbeat_ms >= {NOW_MS} - me.timeout_ms / 2)"
+        );
+        let sql = format!(
+            "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a
+             JOIN nodes n ON a.application_name = n.session
+             WHERE n.{stale} AND {fresh} AND a.pid <> pg_backend_pid()"
+        );
+        if let Err(e) = c.query_one(&sql, &[&self.node.id()]).await {
+            log::warn!("ending a silent node's sessions failed: {}", describe(&e));
+        }
         let tx = c.transaction().await?;
         let mine: bool = tx
             .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&TAKEOVER_LOCK])
@@ -145,11 +169,16 @@ impl Lives {
         if !mine {
             return Ok(Recovered::default());
         }
+        // Only while this life's own heartbeat is fresh on the database's
+        // clock (after a stall, its own is as old as everyone's). A stale
+        // life's sessions were ended above: one stopped mid-claim holds its
+        // row and lane rows, and may be past any timeout's reach (a write
+        // to it blocked).
         let sql = format!(
-            "UPDATE nodes SET dead = true WHERE NOT dead AND heartbeat_ms < {NOW_MS} - timeout_ms
+            "UPDATE nodes SET dead = true WHERE {stale} AND {fresh}
              RETURNING name, id, timeout_ms"
         );
-        for r in tx.query(&sql, &[]).await? {
+        for r in tx.query(&sql, &[&self.node.id()]).await? {
             let (name, id, ms): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
             log::warn!("node {name} (life {id}) is presumed dead: no heartbeat for {ms} ms");
         }
@@ -195,7 +224,7 @@ impl Lives {
         let mut told = Vec::new();
         for r in &rows {
             let rec = row::record(r)?;
-            if self.node.in_flight().contains(&rec.id) {
+            if self.node.in_flight().get(&rec.id) == Some(&rec.claims) {
                 continue;
             }
             let op = Settle::Requeue {

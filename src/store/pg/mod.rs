@@ -163,8 +163,10 @@ impl PgStore {
             let ours = format!(
                 "-c synchronous_commit=on -c statement_timeout={} \
                  -c idle_in_transaction_session_timeout={} -c lock_timeout={} \
-                 -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+                 -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+                 -c tcp_user_timeout={}",
                 STATEMENT_TIMEOUT.as_millis(),
+                guard.as_millis(),
                 guard.as_millis(),
                 guard.as_millis(),
             );
@@ -183,6 +185,15 @@ impl PgStore {
                 .keepalives_interval(Duration::from_secs(5))
                 .keepalives_retries(3)
                 .tcp_user_timeout(STATEMENT_TIMEOUT);
+            // Every session of this life carries its name: a takeover ends
+            // the sessions of a life found dead.
+            let session = format!(
+                "asyncgate {}",
+                crate::model::RequestId::try_generate().map_err(|_| {
+                    StoreError::Io(std::io::Error::other("no randomness for a session name"))
+                })?
+            );
+            pg.application_name(&session);
             let listener = pg.clone();
             let manager = deadpool_postgres::Manager::from_config(
                 pg,
@@ -206,9 +217,10 @@ impl PgStore {
                 )),
                 other => other.into(),
             })?;
+            cluster::refuse_schema_1(&client).await?;
             schema::migrate(&mut client).await?;
             let salt = schema::salt(&client).await?;
-            let node = Node::join(&pool, &data_dir, heartbeat_timeout).await?;
+            let node = Node::join(&pool, &data_dir, heartbeat_timeout, &session).await?;
             Ok::<_, StoreError>((listener, pool, salt, node))
         });
         let opened = match opened.await {

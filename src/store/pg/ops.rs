@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 
 use super::notify::Note;
 use super::row::{self, COLS, Fixed, big};
-use super::tx::{insert, schedule, settle_in, settled_id};
+use super::tx::{insert, schedule, settle_in, settled_claims, settled_id};
 use super::{PgStore, StoreError};
 use crate::model::{CallbackState, RequestId, RequestRecord, Status};
 use crate::store::{CallbackEntry, NewRequest, Settle, Submitted, codec};
@@ -77,6 +77,7 @@ impl PgStore {
         self.lock_claimed().remove(&settled_id(&op));
         let op = Arc::new(op);
         let mut pause = Duration::from_millis(100);
+        let mut retried = false;
         loop {
             let (once, waiters, notes) = (op.clone(), self.waiters.clone(), self.notes.clone());
             let tried = self
@@ -95,15 +96,29 @@ impl PgStore {
                 .await;
             match tried {
                 Ok(changed) => {
-                    self.node.in_flight().remove(&settled_id(&op));
-                    return Ok(changed);
+                    let (id, claims) = (settled_id(&op), settled_claims(&op));
+                    let mut in_flight = self.node.in_flight();
+                    if in_flight.get(&id) == Some(&claims) {
+                        in_flight.remove(&id);
+                    }
+                    // A retry that changed nothing may follow a first try
+                    // whose commit landed unanswered: wake as if it did.
+                    if retried && !changed {
+                        self.waiters.wake([id]);
+                        if !matches!(*op, Settle::Requeue { .. }) {
+                            self.notes.send(Note::Finished(id));
+                        }
+                    }
+                    return Ok(changed || retried);
                 }
                 // Only the database's failures may pass (a dropped
                 // connection, a failover, a timeout); a row that cannot be
                 // read, or a store that failed for good, will not mend.
-                Err(e @ (StoreError::Postgres(_) | StoreError::Unavailable(_)))
-                    if self.fatal.failed().is_none() =>
-                {
+                Err(
+                    e
+                    @ (StoreError::Postgres(_) | StoreError::Unavailable(_) | StoreError::NoSpace),
+                ) if self.fatal.failed().is_none() => {
+                    retried = true;
                     log::warn!(
                         "settling request {} failed ({e}); trying again in {pause:?}",
                         settled_id(&op)
@@ -275,16 +290,19 @@ impl PgStore {
         next_ms: Option<u64>,
         f: impl FnOnce(CallbackEntry, &mut CallbackState) + Send + 'static,
     ) -> Result<(), StoreError> {
+        // Only this life's lease: one that ran out (another node delivers
+        // the event now) changes nothing.
+        let life = self.node.id();
         self.with(move |mut c| async move {
             let tx = c.transaction().await?;
             let taken = tx
                 .query_opt(
                     &tx.prepare_cached(
-                        "DELETE FROM callbacks WHERE due_ms = $1 AND id = $2
+                        "DELETE FROM callbacks WHERE due_ms = $1 AND id = $2 AND leased_by = $3
                      RETURNING event, status, attempts",
                     )
                     .await?,
-                    &[&big(due_ms), &&id.0[..]],
+                    &[&big(due_ms), &&id.0[..], &life],
                 )
                 .await?;
             let Some(r) = taken else {

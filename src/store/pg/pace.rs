@@ -14,7 +14,7 @@ use tokio_postgres::Row;
 
 use super::row::{self, COLS, big, small};
 use super::{PgStore, StoreError};
-use crate::model::{LaneKey, RequestRecord};
+use crate::model::{LaneKey, RequestId, RequestRecord};
 use crate::scheduler::{Feedback, Hints, PauseReason, SharedLane};
 use crate::store::Claim;
 
@@ -95,6 +95,7 @@ impl PgStore {
             }
         }
         let (limits, node) = (self.limits, self.node.id());
+        let life = self.node.clone();
         let (claimed, verdict) = self
             .with(move |mut c| async move {
                 // Sorted: two claims making the same new lanes' rows take
@@ -108,7 +109,7 @@ impl PgStore {
                     .prepare_cached(
                         "INSERT INTO lanes (lane) SELECT l FROM unnest($1::bytea[]) AS l
                          WHERE NOT EXISTS (SELECT 1 FROM lanes WHERE lane = l)
-                         ON CONFLICT DO NOTHING",
+                         ORDER BY l ON CONFLICT DO NOTHING",
                     )
                     .await?;
                 let lock = tx
@@ -211,19 +212,32 @@ impl PgStore {
                     .filter(|(_, was, pace, _)| pace != was)
                     .map(|(lane, _, pace, _)| write(&tx, lane, pace));
                 try_join_all(writes).await?;
-                tx.commit().await?;
+                // In flight before the commit: this life's orphan check
+                // never takes a claim that is about to be sent. If the
+                // commit's answer is lost, they are not handed out, and
+                // the orphan check finds them if it landed.
+                let ours: Vec<(RequestId, u32)> =
+                    claimed.iter().map(|(r, _)| (r.id, r.claims)).collect();
+                life.in_flight().extend(ours.iter().copied());
+                if let Err(e) = tx.commit().await {
+                    let mut in_flight = life.in_flight();
+                    for (id, claims) in &ours {
+                        if in_flight.get(id) == Some(claims) {
+                            in_flight.remove(id);
+                        }
+                    }
+                    return Err(e.into());
+                }
                 Ok::<_, StoreError>((claimed, verdict))
             })
             .await?;
         let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
         let mut bodies = self.lock_claimed();
-        let mut in_flight = self.node.in_flight();
         for (rec, body) in claimed {
-            in_flight.insert(rec.id);
             bodies.insert(rec.id, body);
             by_lane.entry(rec.lane).or_default().push(rec);
         }
-        drop((bodies, in_flight));
+        drop(bodies);
         let mut got: HashMap<LaneKey, usize> = HashMap::new();
         for (lane, recs) in by_lane.iter_mut() {
             recs.sort_by_key(|r| std::cmp::Reverse(r.seq));

@@ -236,13 +236,18 @@ impl PgStore {
         now_ms: u64,
         limit: usize,
         lease_ms: u64,
+        busy: Vec<Vec<u8>>,
     ) -> Result<Vec<(u64, RequestId, CallbackEntry)>, StoreError> {
         let node = self.node.id();
         self.with(move |c| async move {
+            // Not for a life presumed dead, nor for a request whose other
+            // event this node is delivering.
             let sql = format!(
                 "UPDATE callbacks c SET leased_by = $3, lease_until = {NOW_MS} + $4 FROM (
                     SELECT due_ms, id FROM callbacks
                     WHERE due_ms <= $1 AND (lease_until IS NULL OR lease_until <= {NOW_MS})
+                    AND NOT (id = ANY($5))
+                    AND EXISTS (SELECT 1 FROM nodes WHERE id = $3 AND NOT dead)
                     ORDER BY due_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED) p
                  WHERE c.due_ms = p.due_ms AND c.id = p.id
                  RETURNING c.due_ms, c.id, c.event, c.status, c.attempts"
@@ -250,7 +255,13 @@ impl PgStore {
             let rows = c
                 .query(
                     &c.prepare_cached(&sql).await?,
-                    &[&big(now_ms), &big(limit as u64), &node, &big(lease_ms)],
+                    &[
+                        &big(now_ms),
+                        &big(limit as u64),
+                        &node,
+                        &big(lease_ms),
+                        &busy,
+                    ],
                 )
                 .await?;
             rows.iter().map(due).collect()

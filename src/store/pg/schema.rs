@@ -84,9 +84,14 @@ CREATE TABLE nodes (
     heartbeat_ms bigint NOT NULL,
     -- Its own --node-heartbeat-timeout: silent longer, it is presumed dead.
     timeout_ms   bigint NOT NULL,
-    -- The host and boot it runs on: a life of the same name elsewhere is
-    -- not a previous life of this one (a cloned data dir).
+    -- Where it runs: a life of the same name on another host, or in
+    -- another directory of this one, is a copied data dir, not a previous
+    -- life; on this host after a reboot (another boot), it is.
     host         text NOT NULL,
+    boot         text NOT NULL,
+    dir          text NOT NULL,
+    -- Its sessions' application_name: a takeover ends them.
+    session      text NOT NULL,
     -- Presumed dead by the others (or stopped): it may change nothing more.
     dead         boolean NOT NULL DEFAULT false
 );

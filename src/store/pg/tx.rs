@@ -16,6 +16,14 @@ fn lane_lock(lane: &crate::model::LaneKey) -> (i32, i32) {
     (word(0), word(4))
 }
 
+pub fn settled_claims(op: &Settle) -> u32 {
+    match op {
+        Settle::Requeue { claims, .. }
+        | Settle::Complete { claims, .. }
+        | Settle::Unknown { claims, .. } => *claims,
+    }
+}
+
 pub fn settled_id(op: &Settle) -> RequestId {
     match op {
         Settle::Requeue { id, .. } | Settle::Complete { id, .. } | Settle::Unknown { id, .. } => {
