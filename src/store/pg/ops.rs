@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 
 use super::notify::Note;
 use super::row::{self, COLS, Fixed, big};
-use super::tx::{insert, schedule, settle_in, settled_claims, settled_id};
+use super::tx::{insert, insert_row, schedule, settle_in, settled_claims, settled_id};
 use super::{PgStore, StoreError};
 use crate::model::{CallbackState, RequestId, RequestRecord, Status};
 use crate::store::{CallbackEntry, NewRequest, Settle, Submitted, codec};
@@ -41,6 +41,17 @@ impl PgStore {
             ));
         }
         let notes = self.notes.clone();
+        if new.idempotency.is_none() && new.max_pending.is_none() {
+            // Nothing to look up first: the insert alone, committed by
+            // itself (autocommit), is the whole submission.
+            return self
+                .with(move |c| async move {
+                    let rec = insert_row(&c, &new, &fixed).await??;
+                    notes.send(Note::Queued(rec.lane));
+                    Ok(Submitted::New(rec))
+                })
+                .await;
+        }
         self.with(move |mut c| async move {
             for _ in 0..KEY_RACES {
                 let tx = c.transaction().await?;

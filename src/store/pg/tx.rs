@@ -2,7 +2,7 @@
 //! submission, a settle (fenced on its claim), a callback event. `ops`
 //! opens, commits and answers.
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{GenericClient, Transaction};
 
 use super::StoreError;
 use super::row::{self, COLS, big, small};
@@ -96,6 +96,16 @@ pub async fn insert(
             return Ok(Err(StoreError::LaneFull(cap)));
         }
     }
+    Ok(insert_row(tx, new, fixed).await?.map(Submitted::New))
+}
+
+/// The request's row, at its lane's tail. Alone (no key, no cap) it is a
+/// whole submission: one statement, committed by itself, one round trip.
+pub async fn insert_row<C: GenericClient>(
+    c: &C,
+    new: &NewRequest,
+    fixed: &[u8],
+) -> Result<Result<RequestRecord, StoreError>, tokio_postgres::Error> {
     let idem_key = new.idempotency.map(|i| i.key.to_vec());
     let body = (!new.body.is_empty()).then_some(new.body.as_slice());
     let sql = format!(
@@ -103,12 +113,12 @@ pub async fn insert(
          VALUES ($1, $2, nextval('request_seq'), 0, $3, $4, $5, $6, $7)
          RETURNING {COLS}"
     );
-    let r = tx
+    let r = c
         .query_one(
-            &tx.prepare_cached(&sql).await?,
+            &c.prepare_cached(&sql).await?,
             &[
                 &&new.id.0[..],
-                &lane,
+                &&new.lane[..],
                 &big(new.now_ms),
                 &idem_key,
                 &new.sealed_credential,
@@ -117,7 +127,7 @@ pub async fn insert(
             ],
         )
         .await?;
-    Ok(row::record(&r).map(Submitted::New))
+    Ok(row::record(&r))
 }
 
 /// One settle inside a transaction, fenced on `started` under its claim.
