@@ -239,9 +239,10 @@ impl PgStore {
         let waiters: Arc<Waiters> = Arc::default();
         let inbox: Inbox = Arc::default();
         let (notes, noted) = notify::channel();
-        handle.spawn(notify::send(pool.clone(), noted));
+        handle.spawn(notify::send(pool.clone(), node.id(), noted));
         handle.spawn(notify::listen(
             listener.clone(),
+            node.id(),
             waiters.clone(),
             inbox.clone(),
         ));

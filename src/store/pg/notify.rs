@@ -65,7 +65,7 @@ pub fn channel() -> (Notes, mpsc::UnboundedReceiver<Note>) {
 
 /// Sends what this node noted, as few `pg_notify` calls as it takes: at
 /// most one a `GATHER` (each is a commit, and every node reads each).
-pub async fn send(pool: Pool, mut rx: mpsc::UnboundedReceiver<Note>) {
+pub async fn send(pool: Pool, life: i64, mut rx: mpsc::UnboundedReceiver<Note>) {
     while let Some(first) = rx.recv().await {
         tokio::time::sleep(GATHER).await;
         let mut lanes: HashSet<LaneKey> = HashSet::new();
@@ -80,9 +80,13 @@ pub async fn send(pool: Pool, mut rx: mpsc::UnboundedReceiver<Note>) {
         }
         let mut channels = Vec::new();
         let mut payloads = Vec::new();
+        // Queued lanes name the life that queued them: its own dispatcher
+        // knows them already (its HTTP handlers tell it; what a takeover
+        // requeued, it finds on its next rescan). A flood of credentials
+        // would otherwise come back to it as a second flood of lanes.
         for p in pack(lanes.iter().map(hex)) {
             channels.push(QUEUED);
-            payloads.push(p);
+            payloads.push(format!("{life};{p}"));
         }
         for p in pack(ids.iter().map(RequestId::to_string)) {
             channels.push(FINISHED);
@@ -136,7 +140,12 @@ fn unhex(s: &str) -> Option<LaneKey> {
 
 /// Listens on a connection of its own, reconnecting with backoff; while
 /// it cannot, the rescans and the safety net keep things going.
-pub async fn listen(config: tokio_postgres::Config, waiters: Arc<Waiters>, inbox: Inbox) {
+pub async fn listen(
+    config: tokio_postgres::Config,
+    life: i64,
+    waiters: Arc<Waiters>,
+    inbox: Inbox,
+) {
     let mut pause = Duration::from_millis(100);
     loop {
         match config.connect(NoTls).await {
@@ -156,7 +165,7 @@ pub async fn listen(config: tokio_postgres::Config, waiters: Arc<Waiters>, inbox
                 if listening.is_ok() {
                     pause = Duration::from_millis(100);
                     while let Some(n) = rx.recv().await {
-                        heard(n.channel(), n.payload(), &waiters, &inbox);
+                        heard(life, n.channel(), n.payload(), &waiters, &inbox);
                     }
                 }
                 driver.abort();
@@ -172,10 +181,16 @@ pub async fn listen(config: tokio_postgres::Config, waiters: Arc<Waiters>, inbox
     }
 }
 
-fn heard(channel: &str, payload: &str, waiters: &Waiters, inbox: &Inbox) {
-    let items = payload.split(',').filter(|s| !s.is_empty());
+fn heard(life: i64, channel: &str, payload: &str, waiters: &Waiters, inbox: &Inbox) {
     match channel {
         QUEUED => {
+            let Some((from, lanes)) = payload.split_once(';') else {
+                return;
+            };
+            if from == life.to_string() {
+                return;
+            }
+            let items = lanes.split(',').filter(|s| !s.is_empty());
             let to = inbox.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(to) = to.as_ref() {
                 for lane in items.filter_map(unhex) {
@@ -183,7 +198,10 @@ fn heard(channel: &str, payload: &str, waiters: &Waiters, inbox: &Inbox) {
                 }
             }
         }
-        FINISHED => waiters.wake(items.filter_map(|s| s.parse::<RequestId>().ok())),
+        FINISHED => {
+            let items = payload.split(',').filter(|s| !s.is_empty());
+            waiters.wake(items.filter_map(|s| s.parse::<RequestId>().ok()))
+        }
         _ => {}
     }
 }
