@@ -38,7 +38,7 @@ fn shared(r: &Row, at: usize) -> Result<SharedLane, StoreError> {
     let count = |v: i32| u32::try_from(v).unwrap_or(0);
     Ok(SharedLane {
         paused_until_ms: r.try_get::<_, Option<i64>>(at)?.map(|v| v.max(0) as u64),
-        pause_reason: reason.and_then(|c| PauseReason::ALL.get(c.max(0) as usize).copied()),
+        pause_reason: reason_of(reason),
         refusals: count(r.try_get(at + 2)?),
         outages: count(r.try_get(at + 3)?),
         learned_rps: r.try_get::<_, Option<i32>>(at + 4)?.map(count),
@@ -49,6 +49,20 @@ fn shared(r: &Row, at: usize) -> Result<SharedLane, StoreError> {
             .map(|v| v.max(0) as u64)
             .collect(),
     })
+}
+
+fn reason_of(code: Option<i16>) -> Option<PauseReason> {
+    code.and_then(|c| PauseReason::ALL.get(usize::try_from(c).ok()?).copied())
+}
+
+/// A lane row read with `NOW_MS, PACE`: its pacing as it is, and as an
+/// attempt's end leaves it.
+fn learned(r: &Row, feedback: Feedback) -> Result<(SharedLane, SharedLane), StoreError> {
+    let now: i64 = r.try_get(0)?;
+    let was = shared(r, 1)?;
+    let mut pace = was.clone();
+    pace.finished(now.max(0) as u64, feedback);
+    Ok((was, pace))
 }
 
 fn reason_code(r: PauseReason) -> i16 {
@@ -283,7 +297,7 @@ impl PgStore {
             let until: i64 = r.try_get(0)?;
             let why: Option<i16> = r.try_get(1)?;
             Ok(why
-                .and_then(|c| PauseReason::ALL.get(c.max(0) as usize).copied())
+                .and_then(|c| reason_of(Some(c)))
                 .map(|why| (until.max(0) as u64, why)))
         })
         .await
@@ -324,10 +338,7 @@ impl PgStore {
             else {
                 return Ok(());
             };
-            let now: i64 = r.try_get(0)?;
-            let was = shared(&r, 1)?;
-            let mut pace = was.clone();
-            pace.finished(now.max(0) as u64, feedback);
+            let (was, pace) = learned(&r, feedback)?;
             if pace == was {
                 return Ok(());
             }
@@ -339,9 +350,7 @@ impl PgStore {
             else {
                 return Ok(());
             };
-            let now: i64 = r.try_get(0)?;
-            let mut pace = shared(&r, 1)?;
-            pace.finished(now.max(0) as u64, feedback);
+            let (_, pace) = learned(&r, feedback)?;
             write(&tx, &lane, &pace).await?;
             tx.commit().await?;
             Ok(())
