@@ -97,7 +97,8 @@ fn database_for(cluster: &str, data_dir: &Path) -> String {
     format!("{base}/{name}")
 }
 
-fn psql(url: &str, sql: &str) -> String {
+/// One query's rows, `|`-separated, through `psql`.
+pub fn psql(url: &str, sql: &str) -> String {
     let out = Command::new("psql")
         .args([url, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()

@@ -148,7 +148,7 @@ impl Lives {
         let mut c = self.pool.get().await?;
         // Not inside the transaction: ending a session of another role may
         // be refused, and the takeover goes on without it.
-        let stale = format!("NOT dead AND heartbeat_ms < {NOW_MS} - timeout_ms");
+        let stale = |n: &str| format!("NOT {n}dead AND {n}heartbeat_ms < {NOW_MS} - {n}timeout_ms");
         let fresh = format!(
             "EXISTS (SELECT 1 FROM nodes me WHERE me.id = $1 AND NOT me.dead
              AND me.heartbeat_ms >= {NOW_MS} - me.timeout_ms / 2)"
@@ -156,7 +156,8 @@ impl Lives {
         let sql = format!(
             "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a
              JOIN nodes n ON a.application_name = n.session
-             WHERE n.{stale} AND {fresh} AND a.pid <> pg_backend_pid()"
+             WHERE {} AND {fresh} AND a.pid <> pg_backend_pid()",
+            stale("n.")
         );
         if let Err(e) = c.query_one(&sql, &[&self.node.id()]).await {
             log::warn!("ending a silent node's sessions failed: {}", describe(&e));
@@ -175,8 +176,9 @@ impl Lives {
         // row and lane rows, and may be past any timeout's reach (a write
         // to it blocked).
         let sql = format!(
-            "UPDATE nodes SET dead = true WHERE {stale} AND {fresh}
-             RETURNING name, id, timeout_ms"
+            "UPDATE nodes SET dead = true WHERE {} AND {fresh}
+             RETURNING name, id, timeout_ms",
+            stale("")
         );
         for r in tx.query(&sql, &[&self.node.id()]).await? {
             let (name, id, ms): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));

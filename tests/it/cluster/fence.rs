@@ -48,6 +48,14 @@ async fn a_node_stopped_past_the_heartbeat_timeout_is_fenced() {
 
     // C alone first, so that what it sends is its own.
     let c = cluster.start("c").await;
+    // C's sessions name its life (the only one yet).
+    let c_session = crate::backend::psql(&cluster.db, "SELECT session FROM nodes");
+    let c_sessions = || {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = ";
+        let sql = format!("{sql}'{}'", c_session.trim());
+        crate::backend::psql(&cluster.db, &sql).trim().to_string()
+    };
+    assert_ne!(c_sessions(), "0", "C is connected");
     let mut posts = Vec::new();
     for i in 0..POSTS {
         let path = format!("/async_api/v2/pay/{i}.json");
@@ -115,6 +123,9 @@ async fn a_node_stopped_past_the_heartbeat_timeout_is_fenced() {
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
     };
     println!("fencing: C's POSTs settled {settled_after:?} after it stopped");
+    // The takeover ended the stopped node's sessions: one stopped inside a
+    // transaction would hold its locks until then.
+    assert_eq!(c_sessions(), "0", "C's sessions outlive its takeover");
     for (id, after) in &settled_after {
         // C's last heartbeat was at most a quarter of the timeout old.
         assert!(
