@@ -140,7 +140,7 @@ pub async fn run(
             rescan_at = Some(Instant::now() + every);
         }
         if give_up_at.is_none() {
-            wake_at = dispatch(&ctx, &mut sched, &chan.tx).await;
+            wake_at = dispatch(&ctx, &mut sched, &mut chan).await?;
         } else if sched.in_flight() == 0 {
             break;
         }
@@ -158,15 +158,8 @@ pub async fn run(
                 // Everything that arrived meanwhile too: the next dispatch
                 // then claims every freed slot in one store round, instead
                 // of one round per finished attempt.
-                let mut next = Some(ev);
-                while let Some(ev) = next {
-                    if let Event::Panicked(id) = ev {
-                        log::error!("the attempt for request {id} panicked; the engine stops (it stays `started` and is recovered on the next start)");
-                        return Err(EngineFailure::Panicked(id));
-                    }
-                    apply_event(&mut sched, &ctx.pauses, ev);
-                    next = chan.rx.try_recv().ok();
-                }
+                apply_event(&mut sched, &ctx.pauses, ev)?;
+                apply_pending(&mut sched, &ctx.pauses, &mut chan.rx)?;
             }
             Some(lane) = recv_opt(&mut remote) => {
                 sched.queued(lane);
@@ -202,15 +195,33 @@ async fn rescan(ctx: &Context, sched: &mut Scheduler) {
     }
 }
 
-fn apply_event(sched: &mut Scheduler, pauses: &Pauses, ev: Event) {
+fn apply_event(sched: &mut Scheduler, pauses: &Pauses, ev: Event) -> Result<(), EngineFailure> {
     match ev {
         Event::Queued(lane) => sched.queued(lane),
         Event::Finished(lane, fb) => {
             sched.finished(lane, Instant::now(), fb);
             pauses.publish(lane, sched);
         }
-        Event::Panicked(_) => {}
+        Event::Panicked(id) => {
+            log::error!(
+                "the attempt for request {id} panicked; the engine stops (it stays `started` and is recovered on the next start)"
+            );
+            return Err(EngineFailure::Panicked(id));
+        }
     }
+    Ok(())
+}
+
+/// Applies every event already waiting, without waiting for more.
+fn apply_pending(
+    sched: &mut Scheduler,
+    pauses: &Pauses,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+) -> Result<(), EngineFailure> {
+    while let Ok(ev) = rx.try_recv() {
+        apply_event(sched, pauses, ev)?;
+    }
+    Ok(())
 }
 
 /// After a flood of credentials has drained, glibc keeps the freed pages
@@ -243,16 +254,19 @@ async fn sleep_opt(until: Option<Instant>) {
 /// durable store round each; returns when to look again. The claims are
 /// awaited here, not in a task: events (a requeue's `Finished`) are then
 /// always applied to the scheduler after the claim that may have missed
-/// them, never before.
+/// them, never before. Events are applied between rounds too: slots that
+/// freed meanwhile are claimed in the next round, not left taken while
+/// the rounds go on (a drain of many lanes is many rounds).
 async fn dispatch(
     ctx: &Rc<Context>,
     sched: &mut Scheduler,
-    tx: &mpsc::UnboundedSender<Event>,
-) -> Option<Instant> {
+    chan: &mut Receiver,
+) -> Result<Option<Instant>, EngineFailure> {
     // A node whose heartbeat is overdue claims nothing: it could not send.
     if ctx.store.may_send().is_err() {
-        return Some(Instant::now() + Duration::from_millis(250));
+        return Ok(Some(Instant::now() + Duration::from_millis(250)));
     }
+    let tx = &chan.tx;
     loop {
         let now = Instant::now();
         let mut lanes = Vec::new();
@@ -264,13 +278,17 @@ async fn dispatch(
             }
         };
         if lanes.is_empty() {
-            return wake;
+            return Ok(wake);
         }
         match ctx.store.claim_batch(&lanes, now_ms()).await {
             Ok(claims) => {
                 for (lane, claim) in lanes.into_iter().zip(claims) {
                     match claim {
                         Claim::Got(rec) => start(ctx, tx, *rec),
+                        Claim::Last(rec) => {
+                            sched.drained(lane);
+                            start(ctx, tx, *rec);
+                        }
                         Claim::Empty => sched.empty(lane),
                         Claim::Skipped => {
                             sched.empty(lane);
@@ -293,6 +311,7 @@ async fn dispatch(
                 }
             }
         }
+        apply_pending(sched, &ctx.pauses, &mut chan.rx)?;
     }
 }
 

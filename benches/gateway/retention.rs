@@ -53,7 +53,7 @@ fn populate_expired(data: &std::path::Path, n: usize) {
                 .await
                 .expect("claim");
             let settles = claims.into_iter().filter_map(|c| match c {
-                Claim::Got(rec) => Some(store.settle(Settle::Complete {
+                Claim::Got(rec) | Claim::Last(rec) => Some(store.settle(Settle::Complete {
                     id: rec.id,
                     claims: rec.claims,
                     done: Completion {

@@ -350,6 +350,15 @@ impl Scheduler {
         }
     }
 
+    /// The claim after `Dispatch` took the last request the lane held: it
+    /// is not queued any more (its slot stays taken until it finishes).
+    /// A submission after the claim calls `queued` again.
+    pub fn drained(&mut self, key: LaneKey) {
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.queued = false;
+        }
+    }
+
     /// Until when `key` is paused, and why; `None` when it is not.
     pub fn pause_of(&self, key: &LaneKey, now: Instant) -> Option<(Instant, PauseReason)> {
         let lane = self.lanes.get(key)?;

@@ -443,3 +443,28 @@ fn a_lane_whose_sends_left_the_window_before_it_drained_is_forgotten() {
     assert_eq!(s.next(later), Next::Idle);
     assert_eq!(s.lanes(), 0);
 }
+
+#[test]
+fn a_lane_whose_claim_took_its_last_request_needs_no_empty_claim() {
+    let mut s = Scheduler::new(limits(64, 1, None));
+    let now = Instant::now();
+    s.queued(A);
+    s.queued(B);
+    assert_eq!(s.next(now), Next::Dispatch(B));
+    assert_eq!(s.next(now), Next::Dispatch(A));
+    // A's claim said it took A's last request; B's said B holds more.
+    s.drained(A);
+    s.finished(A, now, Feedback::Answered(Hints::default()));
+    s.finished(B, now, Feedback::Answered(Hints::default()));
+    // A is never dispatched again, and goes once its send leaves the window.
+    assert_eq!(s.next(now), Next::Dispatch(B));
+    s.empty(B);
+    assert_eq!(s.next(now + WINDOW), Next::Idle);
+    assert_eq!(s.next(now + WINDOW), Next::Idle);
+    assert_eq!(s.lanes(), 0);
+    // A submission after the claim brings it back.
+    s.queued(A);
+    s.drained(A);
+    s.queued(A);
+    assert_eq!(s.next(now + WINDOW), Next::Dispatch(A));
+}

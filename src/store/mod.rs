@@ -68,8 +68,13 @@ const CANARY: &str = "key_canary";
 /// What a claim found for one dispatch slot.
 #[derive(Debug)]
 pub enum Claim {
-    /// The request, now `started` (durably): send it.
+    /// The request, now `started` (durably): send it. The lane may hold
+    /// more.
     Got(Box<RequestRecord>),
+    /// As `Got`, and nothing was queued behind it in its lane when it was
+    /// claimed: the scheduler need not come back to find the lane empty
+    /// (a claim costs a database round on a shared store).
+    Last(Box<RequestRecord>),
     /// The lane has nothing (more) queued.
     Empty,
     /// A stale lane entry was dropped; the lane may hold more.

@@ -189,7 +189,8 @@ impl PgStore {
                         WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $4 AND NOT dead FOR SHARE))
                      UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3, node = $4
                      WHERE id = ANY(ARRAY(SELECT id FROM picked))
-                     RETURNING {COLS}, body"
+                     RETURNING {COLS}, body, EXISTS (SELECT 1 FROM requests n
+                        WHERE n.lane = requests.lane AND n.status = 0 AND n.seq > requests.seq)"
                 );
                 let take_names: Vec<Vec<u8>> = taking.iter().map(|g| g.0.to_vec()).collect();
                 let take_counts: Vec<i32> = taking.iter().map(|g| g.3 as i32).collect();
@@ -212,9 +213,12 @@ impl PgStore {
                 let mut got: HashMap<LaneKey, usize> = HashMap::new();
                 for r in &rows {
                     let body: Option<Vec<u8>> = r.try_get(body_at)?;
+                    // Whether the lane held more behind it (the statement's
+                    // snapshot: the rows it claims itself still count).
+                    let more: bool = r.try_get(body_at + 1)?;
                     let rec = row::record(r)?;
                     *got.entry(rec.lane).or_default() += 1;
-                    claimed.push((rec, body.unwrap_or_default()));
+                    claimed.push((rec, body.unwrap_or_default(), more));
                 }
                 // Sends counted for requests that were not there are not
                 // sends; a row that learned nothing is not written.
@@ -231,7 +235,7 @@ impl PgStore {
                 // commit's answer is lost, they are not handed out, and
                 // the orphan check finds them if it landed.
                 let ours: Vec<(RequestId, u32)> =
-                    claimed.iter().map(|(r, _)| (r.id, r.claims)).collect();
+                    claimed.iter().map(|(r, ..)| (r.id, r.claims)).collect();
                 life.in_flight().extend(ours.iter().copied());
                 if let Err(e) = tx.commit().await {
                     let mut in_flight = life.in_flight();
@@ -245,23 +249,25 @@ impl PgStore {
                 Ok::<_, StoreError>((claimed, verdict))
             })
             .await?;
-        let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
+        let mut by_lane: HashMap<LaneKey, Vec<(RequestRecord, bool)>> = HashMap::new();
         let mut bodies = self.lock_claimed();
-        for (rec, body) in claimed {
+        for (rec, body, more) in claimed {
             bodies.insert(rec.id, body);
-            by_lane.entry(rec.lane).or_default().push(rec);
+            by_lane.entry(rec.lane).or_default().push((rec, more));
         }
         drop(bodies);
         let mut got: HashMap<LaneKey, usize> = HashMap::new();
         for (lane, recs) in by_lane.iter_mut() {
-            recs.sort_by_key(|r| std::cmp::Reverse(r.seq));
+            recs.sort_by_key(|(r, _)| std::cmp::Reverse(r.seq));
             got.insert(*lane, recs.len());
         }
         Ok(lanes
             .iter()
             .map(|lane| {
-                if let Some(rec) = by_lane.get_mut(lane).and_then(Vec::pop) {
-                    return Claim::Got(Box::new(rec));
+                match by_lane.get_mut(lane).and_then(Vec::pop) {
+                    Some((rec, true)) => return Claim::Got(Box::new(rec)),
+                    Some((rec, false)) => return Claim::Last(Box::new(rec)),
+                    None => {}
                 }
                 match verdict.get(lane) {
                     // Allowed more than the lane held: it is empty.
