@@ -31,6 +31,10 @@ enum ExecError {
 mod pauses;
 pub use pauses::Pauses;
 
+/// How long one call of `dispatch` goes on claiming before the loop looks
+/// at its other inputs.
+const ROUNDS_FOR: Duration = Duration::from_millis(20);
+
 enum Event {
     Queued(LaneKey),
     Finished(LaneKey, Feedback),
@@ -140,7 +144,7 @@ pub async fn run(
             rescan_at = Some(Instant::now() + every);
         }
         if give_up_at.is_none() {
-            wake_at = dispatch(&ctx, &mut sched, &mut chan).await?;
+            wake_at = dispatch(&ctx, &mut sched, &mut chan, &stop).await?;
         } else if sched.in_flight() == 0 {
             break;
         }
@@ -256,18 +260,25 @@ async fn sleep_opt(until: Option<Instant>) {
 /// always applied to the scheduler after the claim that may have missed
 /// them, never before. Events are applied between rounds too: slots that
 /// freed meanwhile are claimed in the next round, not left taken while
-/// the rounds go on (a drain of many lanes is many rounds).
+/// the rounds go on (a drain of many lanes is many rounds). The rounds end
+/// after `ROUNDS_FOR` or a stop, so that the loop hears its other inputs
+/// (the stop itself, other nodes' lanes, the rescan) during a long drain.
 async fn dispatch(
     ctx: &Rc<Context>,
     sched: &mut Scheduler,
     chan: &mut Receiver,
+    stop: &watch::Receiver<bool>,
 ) -> Result<Option<Instant>, EngineFailure> {
-    // A node whose heartbeat is overdue claims nothing: it could not send.
-    if ctx.store.may_send().is_err() {
-        return Ok(Some(Instant::now() + Duration::from_millis(250)));
-    }
+    let began = Instant::now();
     let tx = &chan.tx;
     loop {
+        // A node whose heartbeat is overdue claims nothing: it could not send.
+        if ctx.store.may_send().is_err() {
+            return Ok(Some(Instant::now() + Duration::from_millis(250)));
+        }
+        if *stop.borrow() || began.elapsed() >= ROUNDS_FOR {
+            return Ok(Some(Instant::now()));
+        }
         let now = Instant::now();
         let mut lanes = Vec::new();
         let wake = loop {

@@ -190,7 +190,8 @@ impl PgStore {
                      UPDATE requests SET status = 1, claims = claims + 1, started_ms = $3, node = $4
                      WHERE id = ANY(ARRAY(SELECT id FROM picked))
                      RETURNING {COLS}, body, EXISTS (SELECT 1 FROM requests n
-                        WHERE n.lane = requests.lane AND n.status = 0 AND n.seq > requests.seq)"
+                        WHERE n.lane = requests.lane AND n.status = 0
+                        AND n.id <> ALL(ARRAY(SELECT id FROM picked)))"
                 );
                 let take_names: Vec<Vec<u8>> = taking.iter().map(|g| g.0.to_vec()).collect();
                 let take_counts: Vec<i32> = taking.iter().map(|g| g.3 as i32).collect();
@@ -213,8 +214,9 @@ impl PgStore {
                 let mut got: HashMap<LaneKey, usize> = HashMap::new();
                 for r in &rows {
                     let body: Option<Vec<u8>> = r.try_get(body_at)?;
-                    // Whether the lane held more behind it (the statement's
-                    // snapshot: the rows it claims itself still count).
+                    // Whether the lane holds a queued request this claim did
+                    // not take: behind it, or before it and skipped (locked
+                    // by a cancel that may yet roll back).
                     let more: bool = r.try_get(body_at + 1)?;
                     let rec = row::record(r)?;
                     *got.entry(rec.lane).or_default() += 1;
