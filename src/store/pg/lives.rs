@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::cluster::Node;
-use super::notify::{Note, Notes};
+use super::notify::{self, Inbox, Note, Notes};
 use super::pace::NOW_MS;
 use super::row::{self, COLS, big};
 use super::tx::settle_in;
@@ -32,10 +32,24 @@ pub struct Lives {
     pub node: Arc<Node>,
     pub fatal: Fatal,
     pub notes: Notes,
+    /// This node's dispatcher: it ignores its own notes, so what the
+    /// takeover or the orphan check puts back in a lane is handed to it.
+    pub inbox: Inbox,
     pub unknown_keep_ms: u64,
 }
 
 impl Lives {
+    /// Tells every node (this one's dispatcher directly) what a round put
+    /// back in lanes or finished.
+    fn tell(&self, told: Vec<Note>) {
+        let lanes = told.iter().filter_map(|n| match n {
+            Note::Queued(lane) => Some(*lane),
+            Note::Finished(_) => None,
+        });
+        notify::deliver(&self.inbox, lanes);
+        self.notes.send_all(told);
+    }
+
     /// Starts the heartbeat and the takeover rounds.
     pub fn spawn(self, on: &tokio::runtime::Handle) {
         let this = Arc::new(self);
@@ -208,7 +222,7 @@ impl Lives {
         )
         .await?;
         tx.commit().await?;
-        self.notes.send_all(told);
+        self.tell(told);
         Ok(report)
     }
 
@@ -240,7 +254,7 @@ impl Lives {
         }
         tx.commit().await?;
         let n = told.len();
-        self.notes.send_all(told);
+        self.tell(told);
         Ok(n)
     }
 }

@@ -253,6 +253,7 @@ impl PgStore {
             node: node.clone(),
             fatal: fatal.clone(),
             notes: notes.clone(),
+            inbox: inbox.clone(),
             unknown_keep_ms,
         }
         .spawn(&handle);

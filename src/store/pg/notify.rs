@@ -58,6 +58,16 @@ impl Notes {
 /// Where heard notes of queued lanes go: the dispatcher, once it listens.
 pub type Inbox = Arc<Mutex<Option<mpsc::UnboundedSender<LaneKey>>>>;
 
+/// Hands lanes to this node's dispatcher (if it listens yet).
+pub fn deliver(inbox: &Inbox, lanes: impl IntoIterator<Item = LaneKey>) {
+    let to = inbox.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(to) = to.as_ref() {
+        for lane in lanes {
+            let _ = to.send(lane);
+        }
+    }
+}
+
 pub fn channel() -> (Notes, mpsc::UnboundedReceiver<Note>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (Notes(tx), rx)
@@ -191,12 +201,7 @@ fn heard(life: i64, channel: &str, payload: &str, waiters: &Waiters, inbox: &Inb
                 return;
             }
             let items = lanes.split(',').filter(|s| !s.is_empty());
-            let to = inbox.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(to) = to.as_ref() {
-                for lane in items.filter_map(unhex) {
-                    let _ = to.send(lane);
-                }
-            }
+            deliver(inbox, items.filter_map(unhex));
         }
         FINISHED => {
             let items = payload.split(',').filter(|s| !s.is_empty());
