@@ -108,7 +108,7 @@ pub fn psql(url: &str, sql: &str) -> String {
         "psql {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// In CI the PostgreSQL pass is required: `tools/test` starts the cluster

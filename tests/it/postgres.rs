@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::process::Command;
 
-use crate::backend;
+use crate::backend::{self, psql};
 use crate::helpers::*;
 
 /// The data dir's database URL, or `None` (said loudly) without a cluster.
@@ -21,19 +21,6 @@ fn database(dir: &std::path::Path, test: &str) -> Option<String> {
         return None;
     }
     backend::store_flags(dir).pop()
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([url, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// `asyncgate serve` on `url` until it exits (or 30 s pass).
@@ -221,4 +208,162 @@ async fn the_database_ending_every_connection_loses_nothing_and_the_gateway_carr
     let s = res.json::<serde_json::Value>().await.unwrap();
     assert!(s["status"] == "enqueued" || s["status"] == "started", "{s}");
     p.kill9();
+}
+
+/// A claim whose commit landed but whose answer was lost (a connection
+/// dropped at the commit) left its request `started` by this life with no
+/// attempt holding it: the life's own check puts it back in its lane, once
+/// it is older than any attempt's claim round, and it runs once. A request
+/// an attempt still holds (in flight past the same age) is left alone.
+#[actix_web::test]
+async fn a_claim_whose_answer_was_lost_runs_once_and_one_in_flight_is_left_alone() {
+    let (_dir, data, log) = crate::process::data_and_log();
+    let test = "a_claim_whose_answer_was_lost_runs_once_and_one_in_flight_is_left_alone";
+    let Some(url) = database(&data, test) else {
+        return;
+    };
+    // The first POST is held past the orphan age (10 s) while in flight.
+    let up = Fake::start_with(|seen, _| match seen.uri.as_str() {
+        "/api/v2/held.json" => Reply::ok("held").delay(SECS(13)),
+        _ => Reply::ok("lost"),
+    })
+    .await;
+    let flags = ["--node-heartbeat-timeout", "3s"];
+    let flags = [&flags[..], &["--per-credential-concurrency", "1"]].concat();
+    let p = crate::process::Proc::start(&up.url(), &data, &log, &flags).await;
+    let client = awc::Client::builder()
+        .timeout(SECS(60))
+        .disable_redirects()
+        .finish();
+    let submit = |path: &str| {
+        let req = client
+            .post(format!("{}/async_api/v2/{path}", p.base))
+            .insert_header(("Authorization", "Bearer orphan"));
+        async move {
+            let mut res = req.send_body("{}").await.unwrap();
+            assert_eq!(res.status().as_u16(), 202);
+            let v = res.json::<serde_json::Value>().await.unwrap();
+            v["id"].as_str().unwrap().to_string()
+        }
+    };
+    let held = submit("held.json").await;
+    up.wait_for(1, SECS(10)).await;
+    // Queued behind the held one (one at a time), then made to look like
+    // this life's claim whose answer never came: `started` a minute ago.
+    let lost = submit("lost.json").await;
+    let claimed = psql(
+        &url,
+        &format!(
+            "UPDATE requests SET status = 1, claims = claims + 1, node = (SELECT id FROM nodes), \
+             started_ms = (extract(epoch from now()) * 1000)::bigint - 60000 \
+             WHERE id = decode('{}', 'hex') AND status = 0 RETURNING 1",
+            ulid_hex(&lost)
+        ),
+    );
+    assert_eq!(claimed, "1", "the second request was still queued");
+    let done = |id: String| {
+        let req = client
+            .get(format!("{}/async_api/v2/requests/{id}.json", p.base))
+            .insert_header(("Authorization", "Bearer orphan"))
+            .insert_header(("Prefer", "wait=30"));
+        async move {
+            let mut res = req.send().await.unwrap();
+            // A finished request's status answers 303 (SPEC §10).
+            if res.status().as_u16() == 303 {
+                return "done".to_string();
+            }
+            let v = res.json::<serde_json::Value>().await.unwrap();
+            v["status"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    // Requeued within a check round or two, run after the held one.
+    let started = std::time::Instant::now();
+    assert_eq!(done(lost.clone()).await, "done", "{}", read_log(&log));
+    assert!(
+        started.elapsed() >= SECS(8),
+        "the lost claim ran while the held one was in flight"
+    );
+    assert_eq!(
+        done(held).await,
+        "done",
+        "the held POST is done, not unknown"
+    );
+    let paths: Vec<String> = up.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(
+        paths,
+        ["/api/v2/held.json", "/api/v2/lost.json"],
+        "each once"
+    );
+    let log = read_log(&log);
+    assert!(
+        log.contains("1 claims of this node whose commit went unanswered are back"),
+        "{log}"
+    );
+    p.kill9();
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A copy of a running node's data dir (a cloned VM, a restored backup)
+/// names the same node: started beside it, it is refused, and says what
+/// to do, rather than each taking the other for a previous life of its own.
+#[actix_web::test]
+async fn a_copy_of_a_running_nodes_data_dir_is_refused() {
+    let test = "a_copy_of_a_running_nodes_data_dir_is_refused";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = database(&dir.path().join("data"), test) else {
+        return;
+    };
+    let copy = tempfile::tempdir().unwrap();
+    let app = TestApp::start_in("http://127.0.0.1:9", &[], dir).await;
+    let data = app.data_dir.path().join("data");
+    std::fs::create_dir(copy.path().join("data")).unwrap();
+    std::fs::copy(data.join("node"), copy.path().join("data/node")).unwrap();
+    let key = data.with_extension("key");
+    std::fs::copy(&key, copy.path().join("data.key")).unwrap();
+    let (ok, stderr) = serve_to_exit(copy.path(), &url);
+    assert!(!ok, "the copy ran beside the node: {stderr}");
+    assert!(stderr.contains("a copy of its data dir"), "{stderr}");
+    app.stop().await;
+}
+
+/// A gateway of schema 1 (one per database, holding its advisory lock)
+/// still running: a node of this version refuses to start, before it
+/// migrates anything under it.
+#[actix_web::test]
+async fn a_database_a_schema_1_gateway_still_runs_on_is_refused() {
+    let test = "a_database_a_schema_1_gateway_still_runs_on_is_refused";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = database(&dir.path().join("data"), test) else {
+        return;
+    };
+    // The old gateway's lock, held by a session of its own.
+    let lock = "SELECT pg_advisory_lock(x'6173796e63670002'::bigint)";
+    let mut old = Command::new("psql")
+        .args([&url, "-XAtq", "-c", lock, "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql runs");
+    let held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let deadline = std::time::Instant::now() + SECS(10);
+    while psql(&url, held) == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock was never taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (ok, stderr) = serve_to_exit(dir.path(), &url);
+    let _ = old.kill();
+    let _ = old.wait();
+    assert!(!ok, "a node ran beside a schema-1 gateway: {stderr}");
+    assert!(
+        stderr.contains("in use by a gateway of an older version"),
+        "{stderr}"
+    );
+    let tables = "SELECT count(*) FROM information_schema.tables WHERE table_name = 'nodes'";
+    assert_eq!(psql(&url, tables), "0", "migrated under the old gateway");
 }

@@ -52,8 +52,7 @@ async fn a_node_stopped_past_the_heartbeat_timeout_is_fenced() {
     let c_session = crate::backend::psql(&cluster.db, "SELECT session FROM nodes");
     let c_sessions = || {
         let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = ";
-        let sql = format!("{sql}'{}'", c_session.trim());
-        crate::backend::psql(&cluster.db, &sql).trim().to_string()
+        crate::backend::psql(&cluster.db, &format!("{sql}'{c_session}'"))
     };
     assert_ne!(c_sessions(), "0", "C is connected");
     let mut posts = Vec::new();
