@@ -55,14 +55,18 @@ impl fmt::Display for RequestId {
 impl FromStr for RequestId {
     type Err = ();
 
-    /// Accepts the canonical 26-character form, in either case.
+    /// Accepts the canonical 26-character form, in either case, and only
+    /// it: the decoder would wrap a first character above `7` (beyond 128
+    /// bits) onto another id, so what it read must print back the same.
     fn from_str(s: &str) -> Result<Self, ()> {
         if s.len() != 26 {
             return Err(());
         }
-        Ulid::from_string(&s.to_ascii_uppercase())
-            .map(|u| RequestId(u.to_bytes()))
-            .map_err(|_| ())
+        let upper = s.to_ascii_uppercase();
+        match Ulid::from_string(&upper) {
+            Ok(u) if u.to_string() == upper => Ok(RequestId(u.to_bytes())),
+            _ => Err(()),
+        }
     }
 }
 
@@ -378,6 +382,20 @@ mod tests {
         assert_eq!(s.to_lowercase().parse::<RequestId>(), Ok(id));
         assert!("nope".parse::<RequestId>().is_err());
         assert!("01JDQ8M3Z1X4A6QF0W3N9YB2K!".parse::<RequestId>().is_err());
+    }
+
+    #[test]
+    fn only_the_canonical_form_names_an_id() {
+        let s = "01M8Q516S9YGK4F7SP4T9R25B8";
+        assert!(s.parse::<RequestId>().is_ok());
+        // Beyond 128 bits: the decoder would wrap these onto `s`.
+        for first in ['8', '9', 'G', 'Z', 'g'] {
+            let alias = format!("{first}{}", &s[1..]);
+            assert!(alias.parse::<RequestId>().is_err(), "{alias}");
+        }
+        // Crockford's look-alike letters are not the canonical digits.
+        assert!("0IM8Q516S9YGK4F7SP4T9R25B8".parse::<RequestId>().is_err());
+        assert!("O1M8Q516S9YGK4F7SP4T9R25B8".parse::<RequestId>().is_err());
     }
 
     /// Ids made in one millisecond must not give each other away: the old
