@@ -77,7 +77,9 @@ impl StatusView {
             response_http_code: done.map(|o| o.code),
             response_url: done.map(|_| response_url(public_url, &rec.id)),
             exec_time: done.map(|o| o.exec_ms),
-            attempts: rec.attempts,
+            // The attempt under way counts (SPEC §2: `started` is sent,
+            // no answer yet); the stored count is of attempts ended.
+            attempts: rec.attempts + u32::from(rec.status == Status::Started),
             ahead,
             paused_until: paused.map(|(until, _)| Time(until)),
             pause_reason: paused.map(|(_, why)| why.as_str()),

@@ -180,6 +180,8 @@ async fn enqueued_and_started_show_their_fields_and_no_response_yet() {
     let mut keys: Vec<String> = s.json().as_object().unwrap().keys().cloned().collect();
     keys.sort();
     assert_eq!(keys, ["attempts", "created", "id", "started", "status"]);
+    // The attempt under way is a send that may have written bytes (§10).
+    assert_eq!(s.json()["attempts"], 1, "{}", s.json());
     let q = app.status(&second, AUTH).await;
     assert_eq!(
         (q.status, q.json()["status"].as_str()),
@@ -188,7 +190,10 @@ async fn enqueued_and_started_show_their_fields_and_no_response_yet() {
     let mut keys: Vec<String> = q.json().as_object().unwrap().keys().cloned().collect();
     keys.sort();
     assert_eq!(keys, ["ahead", "attempts", "created", "id", "status"]);
+    assert_eq!(q.json()["attempts"], 0);
     assert_eq!(app.response(&first, AUTH).await.status, 404, "not done yet");
+    let d = app.wait_for_status(&first, AUTH, "done", SECS(10)).await;
+    assert_eq!(d.json()["attempts"], 1, "still one when done: {}", d.json());
     app.wait_for_status(&second, AUTH, "done", SECS(10)).await;
     app.stop().await;
 }
