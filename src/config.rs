@@ -141,11 +141,11 @@ pub struct GatewayArgs {
     pub per_credential_rps: Option<u32>,
 
     /// Whole upstream exchange, up to the last body byte.
-    #[arg(long, env = "ASYNCGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "ASYNCGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = parse_timeout)]
     pub upstream_timeout: Duration,
 
     /// Connecting (and the TLS handshake) to the upstream.
-    #[arg(long, env = "ASYNCGATE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "ASYNCGATE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_timeout)]
     pub connect_timeout: Duration,
 
     /// How long an idle upstream connection is kept for reuse. Keep it
@@ -202,7 +202,7 @@ pub struct GatewayArgs {
     pub max_wait: Duration,
 
     /// Bytes of the store's page cache (sled's estimate; RSS runs above it).
-    #[arg(long, env = "ASYNCGATE_CACHE_CAPACITY", default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, env = "ASYNCGATE_CACHE_CAPACITY", default_value = "16MiB", value_parser = parse_cache_capacity)]
     pub cache_capacity: u64,
 
     /// HTTP worker threads [default: one per core].
@@ -304,6 +304,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration like 90s, 15m, 1h30m, 24h or 7d ({e})"))
 }
 
+/// A timeout: a duration above zero (a zero one would fail every try
+/// before it starts).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "`{s}` is no time at all; a timeout must be above zero"
+        )),
+        d => Ok(d),
+    }
+}
+
+/// `--cache-capacity`: a size of at least 1 MiB (sled refuses caches
+/// below 256 bytes with a panic, and a cache of a few KiB reads the disk
+/// for every record).
+pub fn parse_cache_capacity(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        n if n < 1 << 20 => Err(format!("`{s}` is below the least page cache, 1MiB")),
+        n => Ok(n),
+    }
+}
+
 /// `--public-url`: an absolute `http`/`https` URL with a host, no query,
 /// fragment or `user:password@` (it is handed to every client), returned as
 /// the URL parser writes it (so `response_url` is a well-formed URL
@@ -401,6 +422,27 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("10 xb").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn timeouts_and_the_cache_have_a_floor() {
+        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
+        for zero in ["0", "0s", "0ms"] {
+            assert!(parse_timeout(zero).is_err(), "{zero}");
+        }
+        assert_eq!(parse_cache_capacity("1MiB"), Ok(1 << 20));
+        for small in ["0", "1", "100", "1KiB", "1023KiB"] {
+            assert!(parse_cache_capacity(small).is_err(), "{small}");
+        }
+        let args = [
+            "asyncgate",
+            "serve",
+            "--upstream",
+            "http://u",
+            "--cache-capacity",
+            "100",
+        ];
+        assert!(Cli::try_parse_from(args).is_err());
     }
 
     #[test]
