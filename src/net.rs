@@ -16,21 +16,25 @@
 //!     chunked answer cut between chunks looks complete, and `upstream`
 //!     knows that a body framed by length or chunking never needs end of
 //!     file to end.
+//! - **Bodies that end with the connection** (SPEC §3): on a plain
+//!   connection an answer's head is held until whole, and an HTTP/1.1 one
+//!   whose body runs to the connection's end is handed to awc as HTTP/1.0,
+//!   the version for which awc reads such a body (`head`).
 
-use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 
-use actix_rt::net::{ActixStream, Ready, TcpStream};
+use actix_rt::net::TcpStream;
 use actix_service::Service;
 use actix_tls::connect::{ConnectError, ConnectInfo, Connection};
 use actix_web::http::Uri;
 use futures_util::future::LocalBoxFuture;
 use ipnet::IpNet;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+mod head;
+mod watch;
+pub use watch::{AttemptWatch, Watched};
 
 /// Link-local (where cloud metadata services live) and "this network".
 pub const DEFAULT_CALLBACK_DENY: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "0.0.0.0/8"];
@@ -191,7 +195,7 @@ impl Service<ConnectInfo<Uri>> for Connector {
                     Ok(io) => {
                         let _ = io.set_nodelay(true);
                         let tls = uri.scheme_str() == Some("https");
-                        return Ok(Connection::new(uri, Watched { io, tls, writes: 0 }));
+                        return Ok(Connection::new(uri, Watched::new(io, tls)));
                     }
                     Err(e) => last = Some(e),
                 }
@@ -200,152 +204,6 @@ impl Service<ConnectInfo<Uri>> for Connector {
                 io::Error::new(io::ErrorKind::NotConnected, "no address to connect to")
             })))
         })
-    }
-}
-
-thread_local! {
-    /// The watch of the task polling a connection right now (see
-    /// `AttemptWatch::poll`). awc's client is `!Send`: a connection is
-    /// only ever polled on the thread that made it.
-    static CURRENT: Cell<Option<Rc<Seen>>> = const { Cell::new(None) };
-}
-
-#[derive(Default)]
-struct Seen {
-    /// Request bytes may have been written.
-    wrote: Cell<bool>,
-    /// The body is being read: from now on end of file means a cut.
-    reading_body: Cell<bool>,
-    /// A read found end of file while the body was read.
-    eof: Cell<bool>,
-}
-
-/// What one attempt's connection did, as seen from the task driving it.
-#[derive(Clone, Default)]
-pub struct AttemptWatch(Rc<Seen>);
-
-impl AttemptWatch {
-    /// Runs `poll` with this watch current, so connection reads and writes
-    /// inside it are noted here.
-    pub fn poll<T>(&self, poll: impl FnOnce() -> T) -> T {
-        let outer = CURRENT.with(|c| c.replace(Some(self.0.clone())));
-        let out = poll();
-        CURRENT.with(|c| c.set(outer));
-        out
-    }
-
-    /// The answer's body is read from now on.
-    pub fn reading_body(&self) {
-        self.0.reading_body.set(true);
-    }
-
-    pub fn wrote_request(&self) -> bool {
-        self.0.wrote.get()
-    }
-
-    pub fn saw_eof(&self) -> bool {
-        self.0.eof.get()
-    }
-}
-
-fn with_current(f: impl FnOnce(&Seen)) {
-    CURRENT.with(|c| {
-        if let Some(seen) = c.take() {
-            f(&seen);
-            c.set(Some(seen));
-        }
-    });
-}
-
-/// A TCP stream that reports to the current `AttemptWatch`.
-#[derive(Debug)]
-pub struct Watched {
-    io: TcpStream,
-    /// TLS runs over it: its first write is the ClientHello.
-    tls: bool,
-    /// Writes that moved bytes so far.
-    writes: u64,
-}
-
-impl Watched {
-    fn wrote(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.writes += 1;
-        if !self.tls || self.writes > 1 {
-            with_current(|seen| seen.wrote.set(true));
-        }
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let read = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(())))
-            && buf.filled().len() == before
-            && buf.remaining() > 0
-        {
-            with_current(|seen| {
-                if seen.reading_body.get() {
-                    seen.eof.set(true);
-                }
-            });
-        }
-        read
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            self.wrote(n);
-        }
-        written
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            self.wrote(n);
-        }
-        written
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl ActixStream for Watched {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
-        <TcpStream as ActixStream>::poll_read_ready(&self.io, cx)
-    }
-
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
-        <TcpStream as ActixStream>::poll_write_ready(&self.io, cx)
     }
 }
 

@@ -177,6 +177,13 @@ impl Upstream {
             let headers = stored_headers(res.headers());
             let mut body = Vec::new();
             let mut len = 0u64;
+            // 1xx, 204 and 304 answers end at their head, whatever their
+            // `Content-Length` says (RFC 9112 §6.3); awc would wait for the
+            // body such a length announces. Dropping the unread answer
+            // closes its connection rather than pool it.
+            if code < 200 || code == 204 || code == 304 {
+                return Ok((code, headers, body, true));
+            }
             watch.reading_body();
             while let Some(chunk) = res.next().await {
                 let chunk =

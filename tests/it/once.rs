@@ -16,6 +16,12 @@ use crate::helpers::*;
 /// `Content-Length` body), writes `answer` (maybe nothing, maybe a cut
 /// answer) and closes. Counts the requests it read.
 fn read_then_answer(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    read_answer_and_hold(answer, Duration::ZERO)
+}
+
+/// As `read_then_answer`, keeping each connection open for `hold` after
+/// the answer.
+fn read_answer_and_hold(answer: &'static [u8], hold: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
@@ -28,6 +34,7 @@ fn read_then_answer(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
                 if read_request(&mut conn).is_some() {
                     c.fetch_add(1, Ordering::SeqCst);
                     let _ = conn.write_all(answer);
+                    std::thread::sleep(hold);
                 }
             });
         }
@@ -124,11 +131,20 @@ async fn whole_chunked_and_close_delimited_answers_are_results() {
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"[..],
             &b"hello world"[..],
         ),
-        // No length, no chunks: the body ends with the connection (awc
-        // reads such bodies for HTTP/1.0 answers only: README, Limits).
+        // No length, no chunks: the body ends with the connection (RFC
+        // 9112 §6.3), HTTP/1.0 or 1.1 (awc reads the 1.1 ones as empty:
+        // the connector hands their heads on as 1.0).
         (
             &b"HTTP/1.0 200 OK\r\n\r\nuntil the end"[..],
             &b"until the end"[..],
+        ),
+        (
+            &b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody-until-eof"[..],
+            &b"body-until-eof"[..],
+        ),
+        (
+            &b"HTTP/1.1 201 Created\r\nX-A: b\r\n\r\nno connection header either"[..],
+            &b"no connection header either"[..],
         ),
     ] {
         let answer: &'static [u8] = Box::leak(answer.to_vec().into_boxed_slice());
@@ -141,6 +157,33 @@ async fn whole_chunked_and_close_delimited_answers_are_results() {
         assert_eq!(read.load(Ordering::SeqCst), 1);
         app.stop().await;
     }
+}
+
+/// A 304 ends at its head, whatever `Content-Length` it announces (RFC
+/// 9112 §6.3): a result at once, its length kept (SPEC §3), never a POST
+/// left waiting for a body until the timeout makes it `unknown`.
+#[actix_web::test]
+async fn a_304_announcing_a_length_is_a_result_at_once() {
+    let answer = b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 75\r\n\r\n";
+    let (addr, read) = read_answer_and_hold(answer, SECS(30));
+    let app = TestApp::start(&format!("http://{addr}"), &["--upstream-timeout", "20s"]).await;
+    let post = app.submit_as("POST", "/async_api/v2/p", "Bearer a").await;
+    let started = Instant::now();
+    app.wait_for_status(&post, Some("Bearer a"), "done", SECS(10))
+        .await;
+    assert!(started.elapsed() < SECS(10), "{:?}", started.elapsed());
+    let r = app.response(&post, Some("Bearer a")).await;
+    assert_eq!(r.status, 304);
+    let length = r.headers.iter().find(|(n, _)| n == "content-length");
+    assert_eq!(
+        length.map(|(_, v)| &v[..]),
+        Some(&b"75"[..]),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.body.is_empty());
+    assert_eq!(read.load(Ordering::SeqCst), 1);
+    app.stop().await;
 }
 
 #[actix_web::test]
