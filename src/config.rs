@@ -210,8 +210,9 @@ pub struct GatewayArgs {
     pub workers: Option<usize>,
 
     /// Enables the admin API (`/admin/...`) behind `Authorization: Bearer
-    /// <token>`; without it `/admin/...` answers 404.
-    #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
+    /// <token>`; without it `/admin/...` answers 404. Not empty.
+    #[arg(long, env = "ASYNCGATE_ADMIN_TOKEN", hide_env_values = true,
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub admin_token: Option<String>,
 }
 
@@ -239,7 +240,8 @@ pub struct AdminArgs {
         long,
         env = "ASYNCGATE_ADMIN_TOKEN",
         hide_env_values = true,
-        global = true
+        global = true,
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
     )]
     pub admin_token: Option<String>,
 
@@ -443,6 +445,21 @@ mod tests {
             "100",
         ];
         assert!(Cli::try_parse_from(args).is_err());
+        let args = |token| {
+            [
+                "asyncgate",
+                "serve",
+                "--upstream",
+                "http://u",
+                "--admin-token",
+                token,
+            ]
+        };
+        assert!(Cli::try_parse_from(args("t")).is_ok());
+        assert!(
+            Cli::try_parse_from(args("")).is_err(),
+            "an empty admin token"
+        );
     }
 
     #[test]
