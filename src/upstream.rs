@@ -173,6 +173,14 @@ impl Upstream {
                 }
             })?;
             let code = res.status().as_u16();
+            // An interim answer (`102`, `103`) is not the result, and awc
+            // reads no further: the connector drops them on plain
+            // connections; over TLS one can reach here.
+            if (100..200).contains(&code) && code != 101 {
+                return Err(Attempt::MaybeSent(format!(
+                    "an interim {code} answer came where the answer was due (over TLS the gateway cannot read past it)"
+                )));
+            }
             let framed = framed_by_length_or_chunks(res.headers());
             let headers = stored_headers(res.headers());
             let mut body = Vec::new();

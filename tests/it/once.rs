@@ -146,6 +146,11 @@ async fn whole_chunked_and_close_delimited_answers_are_results() {
             &b"HTTP/1.1 201 Created\r\nX-A: b\r\n\r\nno connection header either"[..],
             &b"no connection header either"[..],
         ),
+        // Interim answers are not the result.
+        (
+            &b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"[..],
+            &b"final"[..],
+        ),
     ] {
         let answer: &'static [u8] = Box::leak(answer.to_vec().into_boxed_slice());
         let (addr, read) = read_then_answer(answer);
