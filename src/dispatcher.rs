@@ -258,11 +258,12 @@ async fn sleep_opt(until: Option<Instant>) {
 /// durable store round each; returns when to look again. The claims are
 /// awaited here, not in a task: events (a requeue's `Finished`) are then
 /// always applied to the scheduler after the claim that may have missed
-/// them, never before. Events are applied between rounds too: slots that
-/// freed meanwhile are claimed in the next round, not left taken while
-/// the rounds go on (a drain of many lanes is many rounds). The rounds end
-/// after `ROUNDS_FOR` or a stop, so that the loop hears its other inputs
-/// (the stop itself, other nodes' lanes, the rescan) during a long drain.
+/// them, never before. The rounds end when no slot is free, or after
+/// `ROUNDS_FOR` or a stop, so that the loop hears its other inputs (the
+/// attempts that finished meanwhile, the stop itself, other nodes' lanes,
+/// the rescan) during a long drain. Finished attempts are not applied
+/// between rounds: their slots then go in one larger claim round (the
+/// embedded store's drain ran 13% slower with a round per few slots).
 async fn dispatch(
     ctx: &Rc<Context>,
     sched: &mut Scheduler,
@@ -322,7 +323,6 @@ async fn dispatch(
                 }
             }
         }
-        apply_pending(sched, &ctx.pauses, &mut chan.rx)?;
     }
 }
 
