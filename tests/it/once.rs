@@ -164,31 +164,44 @@ async fn whole_chunked_and_close_delimited_answers_are_results() {
     }
 }
 
-/// A 304 ends at its head, whatever `Content-Length` it announces (RFC
+/// A 304 or 204 ends at its head, whatever `Content-Length` it announces (RFC
 /// 9112 §6.3): a result at once, its length kept (SPEC §3), never a POST
 /// left waiting for a body until the timeout makes it `unknown`.
 #[actix_web::test]
 async fn a_304_announcing_a_length_is_a_result_at_once() {
-    let answer = b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 75\r\n\r\n";
-    let (addr, read) = read_answer_and_hold(answer, SECS(30));
-    let app = TestApp::start(&format!("http://{addr}"), &["--upstream-timeout", "20s"]).await;
-    let post = app.submit_as("POST", "/async_api/v2/p", "Bearer a").await;
-    let started = Instant::now();
-    app.wait_for_status(&post, Some("Bearer a"), "done", SECS(10))
-        .await;
-    assert!(started.elapsed() < SECS(10), "{:?}", started.elapsed());
-    let r = app.response(&post, Some("Bearer a")).await;
-    assert_eq!(r.status, 304);
-    let length = r.headers.iter().find(|(n, _)| n == "content-length");
-    assert_eq!(
-        length.map(|(_, v)| &v[..]),
-        Some(&b"75"[..]),
-        "{:?}",
-        r.headers
-    );
-    assert!(r.body.is_empty());
-    assert_eq!(read.load(Ordering::SeqCst), 1);
-    app.stop().await;
+    let answers: [(u16, &'static [u8]); 2] = [
+        (
+            304,
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 75\r\n\r\n",
+        ),
+        (
+            204,
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 75\r\n\r\n",
+        ),
+    ];
+    for (code, answer) in answers {
+        let (addr, read) = read_answer_and_hold(answer, SECS(30));
+        let app = TestApp::start(&format!("http://{addr}"), &["--upstream-timeout", "20s"]).await;
+        let post = app.submit_as("POST", "/async_api/v2/p", "Bearer a").await;
+        let started = Instant::now();
+        app.wait_for_status(&post, Some("Bearer a"), "done", SECS(10))
+            .await;
+        assert!(started.elapsed() < SECS(10), "{:?}", started.elapsed());
+        let r = app.response(&post, Some("Bearer a")).await;
+        assert_eq!(r.status, code);
+        if code == 304 {
+            let length = r.headers.iter().find(|(n, _)| n == "content-length");
+            assert_eq!(
+                length.map(|(_, v)| &v[..]),
+                Some(&b"75"[..]),
+                "{:?}",
+                r.headers
+            );
+        }
+        assert!(r.body.is_empty());
+        assert_eq!(read.load(Ordering::SeqCst), 1);
+        app.stop().await;
+    }
 }
 
 #[actix_web::test]

@@ -197,7 +197,7 @@ fn heard(life: i64, channel: &str, payload: &str, waiters: &Waiters, inbox: &Inb
             let Some((from, lanes)) = payload.split_once(';') else {
                 return;
             };
-            if from == life.to_string() {
+            if from.parse() == Ok(life) {
                 return;
             }
             let items = lanes.split(',').filter(|s| !s.is_empty());

@@ -6,7 +6,7 @@
 //! in the transaction that marks the requests `started`. So one credential
 //! gets its limit once, however many nodes serve it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::future::{try_join_all, try_join3};
@@ -216,7 +216,8 @@ impl PgStore {
                     let body: Option<Vec<u8>> = r.try_get(body_at)?;
                     // Whether the lane holds a queued request this claim did
                     // not take: behind it, or before it and skipped (locked
-                    // by a cancel that may yet roll back).
+                    // by a cancel that may yet roll back). The same for each
+                    // row of a lane.
                     let more: bool = r.try_get(body_at + 1)?;
                     let rec = row::record(r)?;
                     *got.entry(rec.lane).or_default() += 1;
@@ -251,25 +252,34 @@ impl PgStore {
                 Ok::<_, StoreError>((claimed, verdict))
             })
             .await?;
-        let mut by_lane: HashMap<LaneKey, Vec<(RequestRecord, bool)>> = HashMap::new();
+        let mut by_lane: HashMap<LaneKey, Vec<RequestRecord>> = HashMap::new();
+        // Lanes that still hold a queued request this claim did not take.
+        let mut more: HashSet<LaneKey> = HashSet::new();
         let mut bodies = self.lock_claimed();
-        for (rec, body, more) in claimed {
+        for (rec, body, left) in claimed {
             bodies.insert(rec.id, body);
-            by_lane.entry(rec.lane).or_default().push((rec, more));
+            if left {
+                more.insert(rec.lane);
+            }
+            by_lane.entry(rec.lane).or_default().push(rec);
         }
         drop(bodies);
         let mut got: HashMap<LaneKey, usize> = HashMap::new();
         for (lane, recs) in by_lane.iter_mut() {
-            recs.sort_by_key(|(r, _)| std::cmp::Reverse(r.seq));
+            recs.sort_by_key(|r| std::cmp::Reverse(r.seq));
             got.insert(*lane, recs.len());
         }
         Ok(lanes
             .iter()
             .map(|lane| {
-                match by_lane.get_mut(lane).and_then(Vec::pop) {
-                    Some((rec, true)) => return Claim::Got(Box::new(rec)),
-                    Some((rec, false)) => return Claim::Last(Box::new(rec)),
-                    None => {}
+                let recs = by_lane.get_mut(lane);
+                if let Some(rec) = recs.and_then(Vec::pop) {
+                    // The lane's last claimed request, and nothing left.
+                    let last = by_lane.get(lane).is_some_and(Vec::is_empty) && !more.contains(lane);
+                    return match last {
+                        true => Claim::Last(Box::new(rec)),
+                        false => Claim::Got(Box::new(rec)),
+                    };
                 }
                 match verdict.get(lane) {
                     // Allowed more than the lane held: it is empty.
