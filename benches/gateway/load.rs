@@ -44,6 +44,27 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// Runs one after another taken as one: their requests, errors and
+    /// time added up, their latencies together.
+    pub fn merge(runs: Vec<Stats>) -> Stats {
+        let mut all = Stats {
+            done: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+        };
+        for r in runs {
+            all.done += r.done;
+            all.errors += r.errors;
+            all.elapsed += r.elapsed;
+            all.latencies.extend(r.latencies);
+        }
+        all.latencies.sort();
+        all
+    }
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::load::{self, Load, percentile};
+use crate::load::{self, Load, Stats, percentile};
 use crate::servers::{Gateway, Upstream};
 use crate::{Row, ms, post_load};
 
@@ -189,25 +189,31 @@ pub fn bulk(secs: u64, upstream: &str, up: &Upstream, data: &std::path::Path) ->
 }
 
 /// Accept with a distinct `Idempotency-Key` on every submission against
-/// accept without, measured back to back.
+/// accept without: two gateways side by side, loaded in turn, five turns
+/// each, so that a change in the machine's load meets both alike.
 pub fn keyed_accept(secs: u64, upstream: &str, up: &Upstream, data: &std::path::Path) -> Row {
+    const TURNS: u32 = 5;
     up.refuse.store(true, Ordering::Relaxed); // nothing runs: accepting only
-    let run = |dir: &str, keyed: bool| {
-        let (gw, _) = Gateway::start(upstream, &data.join(dir), &[]);
+    let (plain_gw, _) = Gateway::start(upstream, &data.join("plain"), &[]);
+    let (keyed_gw, _) = Gateway::start(upstream, &data.join("keyed"), &[]);
+    let turn = Duration::from_secs(secs) / TURNS;
+    let load = |gw: &Gateway, key: Option<String>| {
         let mut l = post_load(
             format!("{}/async_api/v2/bench.json", gw.base),
             64,
             usize::MAX,
-            secs,
+            0,
         );
-        if keyed {
-            l.headers
-                .push(("Idempotency-Key".into(), "bench-{i}".into()));
-        }
+        l.duration = turn;
+        l.headers.extend(key.map(|k| ("Idempotency-Key".into(), k)));
         load::run(l)
     };
-    let plain = run("plain", false);
-    let keyed = run("keyed", true);
+    let (mut plain, mut keyed) = (Vec::new(), Vec::new());
+    for t in 0..TURNS {
+        plain.push(load(&plain_gw, None));
+        keyed.push(load(&keyed_gw, Some(format!("bench-{t}-{{i}}"))));
+    }
+    let (plain, keyed) = (Stats::merge(plain), Stats::merge(keyed));
     let ratio = keyed.rate() / plain.rate();
     Row {
         scenario: "accept with an Idempotency-Key on every submission",

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalTree};
 
+use super::keyed::{Index, Key};
 use super::keys;
 use super::{Claim, StoreError, codec};
 use crate::model::{
@@ -26,7 +27,8 @@ pub(super) const EXPIRY: usize = 3;
 pub(super) const CALLBACKS: usize = 4;
 pub(super) const COUNTERS: usize = 5;
 pub(super) const META: usize = 6;
-/// Lane and hashed `Idempotency-Key` → id.
+/// Lane and hashed `Idempotency-Key` → id: the checkpointer's copy of the
+/// in-memory index (`keyed`), never written in a round's transaction.
 pub(super) const IDEMPOTENCY: usize = 7;
 
 pub(super) const TREES: [&str; 8] = [
@@ -136,18 +138,41 @@ pub(super) enum Applied {
 pub(super) type TxResult<T> = Result<T, Conflict<StoreError>>;
 
 /// One transaction over all trees, with the round's counter changes
-/// gathered and written once at the end (`finish`).
+/// gathered and written once at the end (`finish`), and its changes to the
+/// idempotency index gathered for the applier to make once it commits
+/// (`keyed`: sled may run a transaction's closure more than once).
 pub(super) struct Tx<'a> {
     trees: &'a [TransactionalTree],
     deltas: RefCell<HashMap<Vec<u8>, i64>>,
+    index: &'a Index,
+    keyed: RefCell<HashMap<Key, Option<RequestId>>>,
 }
 
 impl<'a> Tx<'a> {
-    pub(super) fn new(trees: &'a [TransactionalTree]) -> Tx<'a> {
+    pub(super) fn new(trees: &'a [TransactionalTree], index: &'a Index) -> Tx<'a> {
         Tx {
             trees,
             deltas: RefCell::default(),
+            index,
+            keyed: RefCell::default(),
         }
+    }
+
+    /// The index changes this transaction made.
+    pub(super) fn keyed(self) -> HashMap<Key, Option<RequestId>> {
+        self.keyed.into_inner()
+    }
+
+    /// The request `key` names as this transaction sees it.
+    fn key_get(&self, key: &Key) -> Option<RequestId> {
+        match self.keyed.borrow().get(key) {
+            Some(to) => *to,
+            None => self.index.get(key),
+        }
+    }
+
+    fn key_set(&self, key: Key, to: Option<RequestId>) {
+        self.keyed.borrow_mut().insert(key, to);
     }
 
     pub(super) fn t(&self, i: usize) -> &TransactionalTree {
@@ -302,8 +327,7 @@ impl<'a> Tx<'a> {
                     return Ok(Applied::Refused(StoreError::LaneFull(*cap)));
                 }
                 if let Some(idem) = rec.idempotency {
-                    let key = keys::idempotency(&rec.lane, &idem.key);
-                    self.t(IDEMPOTENCY).insert(&key[..], rec.id.as_bytes())?;
+                    self.key_set(keys::idempotency(&rec.lane, &idem.key), Some(rec.id));
                 }
                 rec.body = blobs.first().copied();
                 self.blob(rec.body, 1);
@@ -453,14 +477,15 @@ impl<'a> Tx<'a> {
         idem: &Idempotency,
         now_ms: u64,
     ) -> TxResult<Option<Result<RequestRecord, StoreError>>> {
-        let key = keys::idempotency(lane, &idem.key);
-        let Some(first) = self.t(IDEMPOTENCY).get(key)? else {
-            return Ok(None);
-        };
-        let Some(id) = keys::id_from(&first) else {
+        let Some(id) = self.key_get(&keys::idempotency(lane, &idem.key)) else {
             return Ok(None);
         };
         Ok(match self.record(&id)? {
+            // Another lane or key behind the same 16 bytes of hash: not
+            // this key's request.
+            Ok(Some(f)) if f.lane != *lane || f.idempotency.map(|i| i.key) != Some(idem.key) => {
+                None
+            }
             Ok(Some(f)) if f.is_expired(now_ms) => None,
             Ok(Some(f)) if f.idempotency.map(|i| i.fingerprint) == Some(idem.fingerprint) => {
                 Some(Ok(f))
@@ -523,8 +548,8 @@ impl<'a> Tx<'a> {
         }
         if let Some(idem) = rec.idempotency {
             let key = keys::idempotency(&rec.lane, &idem.key);
-            if self.t(IDEMPOTENCY).get(key)?.as_deref() == Some(&id.as_bytes()[..]) {
-                self.t(IDEMPOTENCY).remove(&key[..])?;
+            if self.key_get(&key) == Some(*id) {
+                self.key_set(key, None);
             }
         }
         self.t(RECORDS).remove(id.as_bytes())?;

@@ -13,11 +13,18 @@ pub fn segment(segment: u64) -> [u8; 9] {
     k
 }
 
-/// An `Idempotency-Key` (hashed) is per credential: its lane first.
-pub fn idempotency(lane: &LaneKey, key: &[u8; 32]) -> [u8; 64] {
-    let mut k = [0u8; 64];
-    k[..32].copy_from_slice(lane);
-    k[32..].copy_from_slice(key);
+/// An `Idempotency-Key` (hashed) is per credential: 16 bytes of SHA-256
+/// of its lane and the key's hash. Short enough for sled to keep inline
+/// and the in-memory index small; a lookup still checks the record it
+/// finds has this lane and key (`change::Tx::idempotent`).
+pub fn idempotency(lane: &LaneKey, key: &[u8; 32]) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(lane)
+        .chain_update(key)
+        .finalize();
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&digest[..16]);
     k
 }
 

@@ -22,7 +22,9 @@
 //! | `callbacks` | due at, id | attempts so far |
 //! | `counters` | status; `p` + lane; `b` + lane + seq bucket; `s` + segment | count |
 //! | `meta` | `format`, `checkpoint` | |
-//! | `idempotency` | lane, hashed `Idempotency-Key` | id |
+//! | `idempotency` | lane, hashed `Idempotency-Key` | id — format 2's; emptied on upgrade |
+//!
+//! The idempotency index is in memory, with a log of its own (`keyed`).
 //!
 //! Journal segments are deleted whole, once no record references a blob in
 //! them and the checkpoint is past them: retention drops time-ordered
@@ -31,6 +33,7 @@
 mod callbacks;
 mod change;
 mod journal;
+mod keyed;
 mod keys;
 mod ops;
 mod reads;
@@ -48,16 +51,19 @@ pub(super) use super::{Claim, MAX_VALUE, StoreError, codec};
 
 use super::fatal::Fatal;
 use super::waiters::Waiters;
-use change::{COUNTERS, META, TREES};
+use change::{COUNTERS, IDEMPOTENCY, META, TREES};
 use journal::{Journal, Position};
+use keyed::Keyed;
 use writer::Writer;
 
 /// sled's log segment size (its default is 512 KiB): sets the blob
 /// threshold `MAX_VALUE` is measured against.
 const SEGMENT_SIZE: usize = 1 << 20;
 
-/// The on-disk format this version writes (`meta/format`).
-const FORMAT: u8 = 2;
+/// The on-disk format this version writes (`meta/format`). Format 2 (the
+/// idempotency index in the round's transaction, 64-byte keys) is
+/// upgraded on open (`keyed::Keyed::open`).
+const FORMAT: u8 = 3;
 
 /// How often sled is flushed and the checkpoint moved on.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -80,6 +86,9 @@ pub(crate) struct Core {
     fatal: Fatal,
     /// Long-polls waiting for a request to finish, woken by the applier.
     waiters: Waiters,
+    /// The idempotency index, in memory; its copy in sled trails by what
+    /// was applied since the last checkpoint.
+    keyed: Keyed,
 }
 
 pub struct SledStore {
@@ -101,10 +110,18 @@ impl Core {
     /// Flushes sled and moves the durable checkpoint on; then deletes the
     /// journal segments no record needs and recovery can no longer read.
     fn checkpoint(&self) -> Result<(), StoreError> {
-        let at: Option<Position> = match self.tree(META).get("checkpoint")? {
-            Some(v) => Some(codec::decode(&v)?),
-            None => None,
+        // The trees' checkpoint and the index changes up to it, together.
+        let (at, taken) = {
+            let mut index = self.keyed.lock();
+            let at: Option<Position> = match self.tree(META).get("checkpoint")? {
+                Some(v) => Some(codec::decode(&v)?),
+                None => None,
+            };
+            (at, self.keyed.take(&mut index))
         };
+        // Durable before the flush that makes the trees' checkpoint so:
+        // the journal before it may then go.
+        self.keyed.write(taken, at.unwrap_or_default())?;
         let current = self.journal.current();
         let mut dead = Vec::new();
         if let Some(at) = at {
@@ -146,11 +163,19 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(|e| classify_open_error(e, &config.path))?;
-        recovery::check_format(&db, &config.path)?;
+        let format = recovery::check_format(&db, &config.path)?;
         let trees = TREES
             .iter()
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()?;
+        let checkpoint: Position = match trees[META].get("checkpoint")? {
+            Some(v) => codec::decode(&v)?,
+            None => Position::default(),
+        };
+        let (keyed, upto) = Keyed::open(&config.path, &trees[IDEMPOTENCY], checkpoint)?;
+        if format < FORMAT {
+            trees[META].insert("format", &[FORMAT])?;
+        }
         let salt = load_or_make_salt(&db)?;
         let log = OpenOptions::new()
             .read(true)
@@ -164,9 +189,10 @@ impl SledStore {
             log,
             fatal: Fatal::default(),
             waiters: Waiters::default(),
+            keyed,
         });
         // The journal's tail the trees had not caught up with.
-        let replayed = recovery::replay(&core)?;
+        let replayed = recovery::replay(&core, upto, checkpoint)?;
         if replayed > 0 {
             log::info!("applied {replayed} journal entries written after the last checkpoint");
         }

@@ -5,7 +5,7 @@
 use sled::IVec;
 
 use super::CallbackEntry;
-use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, IDEMPOTENCY, LANES, RECORDS};
+use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, LANES, RECORDS};
 use super::{SledStore, StoreError, callbacks, codec, keys};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
@@ -163,23 +163,18 @@ impl SledStore {
         lane: &LaneKey,
         idem: &Idempotency,
     ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
-        let Some(first) = self
-            .tree(IDEMPOTENCY)
-            .get(keys::idempotency(lane, &idem.key))?
-        else {
+        let key = keys::idempotency(lane, &idem.key);
+        let Some(id) = self.core.keyed.lock().get(&key) else {
             return Ok(None);
         };
-        let Some(rec) = keys::id_from(&first)
-            .map(|id| self.get(&id))
-            .transpose()?
-            .flatten()
-        else {
+        let Some(rec) = self.get(&id)? else {
             return Ok(None);
         };
-        Ok(Some(match rec.idempotency {
-            Some(i) if i.fingerprint == idem.fingerprint => Ok(rec),
-            _ => Err(StoreError::IdempotencyReused),
-        }))
+        Ok(match rec.idempotency {
+            Some(i) if rec.lane != *lane || i.key != idem.key => None,
+            Some(i) if i.fingerprint == idem.fingerprint => Some(Ok(rec)),
+            _ => Some(Err(StoreError::IdempotencyReused)),
+        })
     }
 
     /// Requests before `rec` in its lane (SPEC §10 `ahead`), exact: the

@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-use super::change::{Change, META};
+use super::change::{Change, META, RECORDS};
 use super::journal::Position;
+use super::keyed::CatchUp;
 use super::writer::{blob_refs, is_empty_claim};
 use super::{Core, FORMAT, StoreError, codec};
 use crate::model::BodyRef;
@@ -29,8 +30,11 @@ pub(super) fn refuse_old_format(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Checks (or, for a new data dir, writes) `meta/format`.
-pub(super) fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+/// Format 2 differs only in its idempotency index, which `open` upgrades.
+const UPGRADABLE: u8 = 2;
+
+/// Checks (or, for a new data dir, writes) `meta/format`; the format found.
+pub(super) fn check_format(db: &sled::Db, path: &Path) -> Result<u8, StoreError> {
     let names = db.tree_names();
     if names.iter().any(|n| n.as_ref() == b"body_refs") {
         return refuse_old_format(path).and(Err(StoreError::Format(format!(
@@ -40,7 +44,7 @@ pub(super) fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError>
     }
     let meta = db.open_tree("meta")?;
     match meta.get("format")?.as_deref() {
-        Some([v]) if *v == FORMAT => Ok(()),
+        Some([v]) if *v == FORMAT || *v == UPGRADABLE => Ok(*v),
         Some(v) => Err(StoreError::Format(format!(
             "data dir {} holds a store of format {v:?}; this version reads format {FORMAT} only",
             path.display()
@@ -51,21 +55,40 @@ pub(super) fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError>
         ))),
         None => {
             meta.insert("format", &[FORMAT])?;
-            Ok(())
+            Ok(FORMAT)
         }
     }
 }
 
-/// Applies the journal from the checkpoint on; returns how many entries.
+/// Applies the journal from the trees' checkpoint on; returns how many
+/// entries. The entries from the idempotency index's mark `upto` to the
+/// checkpoint are read first, for their keys alone (`keyed::CatchUp`).
 /// The checkpoint then moves to the fresh segment the journal opened.
-pub(super) fn replay(core: &Core) -> Result<u64, StoreError> {
-    let from: Position = match core.tree(META).get("checkpoint")? {
-        Some(v) => codec::decode(&v)?,
-        None => Position::default(),
+pub(super) fn replay(core: &Core, upto: Position, from: Position) -> Result<u64, StoreError> {
+    let mut catch_up = Some(CatchUp::default());
+    let caught_up = |catch_up: CatchUp| {
+        let records = core.tree(RECORDS);
+        catch_up.finish(&mut core.keyed.lock(), |id| {
+            Ok(records.contains_key(id.as_bytes())?)
+        })
     };
     let mut batch = Vec::new();
-    let entries = core.journal.replay(from, |at, payload| {
-        batch.push(decode_entry(at, payload)?);
+    let mut entries = 0;
+    // A log ahead of the trees (its batch was durable, sled's flush not)
+    // is caught up by the replay itself, which sets the same keys again.
+    core.journal.replay(upto.min(from), |at, payload| {
+        let entry = decode_entry(at, payload)?;
+        if at < from {
+            if let Some(c) = catch_up.as_mut() {
+                c.note(&entry.0);
+            }
+            return Ok(());
+        }
+        if let Some(c) = catch_up.take() {
+            caught_up(c)?;
+        }
+        entries += 1;
+        batch.push(entry);
         if batch.len() >= REPLAY_BATCH {
             let end = Position {
                 segment: at.segment,
@@ -75,6 +98,9 @@ pub(super) fn replay(core: &Core) -> Result<u64, StoreError> {
         }
         Ok(())
     })?;
+    if let Some(c) = catch_up.take() {
+        caught_up(c)?;
+    }
     write_batch(core, &batch, core.journal.end())?;
     Ok(entries)
 }

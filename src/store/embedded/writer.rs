@@ -495,15 +495,27 @@ impl super::Core {
         &self,
         f: impl Fn(&Tx) -> super::change::TxResult<T>,
     ) -> Result<T, StoreError> {
-        self.trees[..]
-            .transaction(|trees| f(&Tx::new(trees)))
+        // Held across the transaction and the index changes it made: the
+        // checkpointer takes the trees' checkpoint and the index's changes
+        // under this lock, so they are of the same round.
+        let mut index = self.keyed.lock();
+        let (out, keyed) = self.trees[..]
+            .transaction(|trees| {
+                let tx = Tx::new(trees, &index);
+                let out = f(&tx)?;
+                Ok((out, tx.keyed()))
+            })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => {
                     self.fatal.fail(format!("a write inside sled failed: {e}"));
                     StoreError::Sled(e)
                 }
-            })
+            })?;
+        for (key, to) in keyed {
+            index.set(key, to);
+        }
+        Ok(out)
     }
 }
 

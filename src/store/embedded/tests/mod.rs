@@ -342,3 +342,4 @@ fn callbacks_move_to_their_next_due_time() {
 }
 
 mod edges;
+mod keyed;

@@ -1,0 +1,149 @@
+//! The idempotency index across a crash: what was applied after its log's
+//! last batch comes back from the journal, deletes included; a torn batch
+//! is cut off; a data dir of format 2 is upgraded with its keys.
+
+use super::edges::walk;
+use super::*;
+use crate::model::Idempotency;
+
+fn keyed(lane: u8, key: &str, body: &[u8]) -> NewRequest {
+    let mut new = new_request(lane, "POST", body.to_vec(), false);
+    let hash = |b: &[u8]| -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(b).into()
+    };
+    new.idempotency = Some(Idempotency {
+        key: hash(key.as_bytes()),
+        fingerprint: hash(body),
+    });
+    new
+}
+
+/// A copy of `dir` as sled and the journal left it on disk: what a crash
+/// would leave (sled's lock file dropped).
+fn crash_image(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in walk(dir) {
+        let to = copy.path().join(entry.strip_prefix(dir).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let _ = std::fs::remove_file(copy.path().join("db.lock"));
+    copy
+}
+
+#[test]
+fn keys_applied_after_the_last_copy_come_back_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
+    let b = enqueue(&s, keyed(1, "b", b"2")).unwrap();
+    let gone = enqueue(&s, keyed(1, "gone", b"3")).unwrap();
+    // The log holds a, b and gone, marked at this checkpoint.
+    s.core.checkpoint().unwrap();
+    let c = enqueue(&s, keyed(1, "c", b"4")).unwrap();
+    assert!(block(s.cancel(&b.id)).unwrap());
+    let b2 = enqueue(&s, keyed(1, "b", b"5")).unwrap();
+    assert!(block(s.cancel(&gone.id)).unwrap());
+    let short = enqueue(&s, keyed(2, "short", b"6")).unwrap();
+    assert!(block(s.cancel(&short.id)).unwrap());
+    // The trees, flushed past the copy's mark, as a crash can leave them.
+    s.core.db.flush().unwrap();
+    let copy = crash_image(dir.path());
+    drop(s);
+    // A batch the crash tore.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(copy.path().join("keys"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, &[200, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(log);
+
+    let r = open(copy.path());
+    assert_eq!(r.core.keyed.lock().len(), 3, "a, c and the new b");
+    for (key, body, id) in [("a", "1", a.id), ("c", "4", c.id), ("b", "5", b2.id)] {
+        let again = enqueue(&r, keyed(1, key, body.as_bytes())).unwrap();
+        assert_eq!(again.id, id, "key {key}");
+    }
+    assert_ne!(enqueue(&r, keyed(1, "gone", b"3")).unwrap().id, gone.id);
+    assert_eq!(count(&r, Status::Enqueued), 4, "a, c, b and the new gone");
+    // The next checkpoint brings the log up to date, after the cut.
+    r.close().unwrap();
+    drop(r);
+    let r = open(copy.path());
+    assert_eq!(r.core.keyed.lock().len(), 4);
+}
+
+#[test]
+fn a_data_dir_of_format_2_is_upgraded_with_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
+    s.close().unwrap();
+    drop(s);
+    // As format 2 kept it: in sled, the lane and the key's hash as the
+    // key; no log.
+    std::fs::remove_file(dir.path().join("keys")).unwrap();
+    {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            let config = sled::Config::new()
+                .path(dir.path())
+                .segment_size(SEGMENT_SIZE)
+                .flush_every_ms(None);
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let tree = db.open_tree("idempotency").unwrap();
+        tree.clear().unwrap();
+        let mut old = [0u8; 64];
+        old[..32].copy_from_slice(&a.lane);
+        old[32..].copy_from_slice(&a.idempotency.unwrap().key);
+        tree.insert(old, a.id.as_bytes()).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &[2])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let r = open(dir.path());
+    assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
+    let meta = r.core.tree(change::META).get("format").unwrap();
+    assert_eq!(meta.as_deref(), Some(&[FORMAT][..]));
+    assert!(
+        r.core.tree(change::IDEMPOTENCY).is_empty(),
+        "moved to the log"
+    );
+    r.close().unwrap();
+    drop(r);
+    let r = open(dir.path());
+    assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
+}
+
+#[test]
+fn a_log_rewritten_whole_keeps_what_is_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
+    let b = enqueue(&s, keyed(1, "b", b"2")).unwrap();
+    s.core.checkpoint().unwrap();
+    assert!(block(s.cancel(&b.id)).unwrap());
+    s.core.keyed.rewrite_always();
+    s.core.checkpoint().unwrap();
+    let whole = std::fs::metadata(dir.path().join("keys")).unwrap().len();
+    let c = enqueue(&s, keyed(1, "c", b"3")).unwrap();
+    s.close().unwrap();
+    drop(s);
+    assert!(whole < 100, "one batch of one entry: {whole} bytes");
+    let r = open(dir.path());
+    assert_eq!(r.core.keyed.lock().len(), 2);
+    assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
+    assert_eq!(enqueue(&r, keyed(1, "c", b"3")).unwrap().id, c.id);
+    assert_ne!(enqueue(&r, keyed(1, "b", b"2")).unwrap().id, b.id);
+}
