@@ -27,8 +27,8 @@ pub(super) const EXPIRY: usize = 3;
 pub(super) const CALLBACKS: usize = 4;
 pub(super) const COUNTERS: usize = 5;
 pub(super) const META: usize = 6;
-/// Lane and hashed `Idempotency-Key` → id: the checkpointer's copy of the
-/// in-memory index (`keyed`), never written in a round's transaction.
+/// Lane and hashed `Idempotency-Key` → id: written by the checkpointer
+/// (`keyed`); a round's transaction only reads it.
 pub(super) const IDEMPOTENCY: usize = 7;
 
 pub(super) const TREES: [&str; 8] = [
@@ -164,11 +164,20 @@ impl<'a> Tx<'a> {
     }
 
     /// The request `key` names as this transaction sees it.
-    fn key_get(&self, key: &Key) -> Option<RequestId> {
-        match self.keyed.borrow().get(key) {
-            Some(to) => *to,
-            None => self.index.get(key),
+    fn key_get(&self, key: &Key) -> TxResult<Option<RequestId>> {
+        // This round's changes, then the index's in memory, then the tree
+        // (read through the transaction: sled holds its write lock for the
+        // whole of it).
+        if let Some(to) = self.keyed.borrow().get(key) {
+            return Ok(*to);
         }
+        if let Some(known) = self.index.known(key) {
+            return Ok(known);
+        }
+        Ok(self
+            .t(IDEMPOTENCY)
+            .get(key)?
+            .and_then(|v| keys::id_from(&v)))
     }
 
     fn key_set(&self, key: Key, to: Option<RequestId>) {
@@ -477,7 +486,7 @@ impl<'a> Tx<'a> {
         idem: &Idempotency,
         now_ms: u64,
     ) -> TxResult<Option<Result<RequestRecord, StoreError>>> {
-        let Some(id) = self.key_get(&keys::idempotency(lane, &idem.key)) else {
+        let Some(id) = self.key_get(&keys::idempotency(lane, &idem.key))? else {
             return Ok(None);
         };
         Ok(match self.record(&id)? {
@@ -548,7 +557,7 @@ impl<'a> Tx<'a> {
         }
         if let Some(idem) = rec.idempotency {
             let key = keys::idempotency(&rec.lane, &idem.key);
-            if self.key_get(&key) == Some(*id) {
+            if self.key_get(&key)? == Some(*id) {
                 self.key_set(key, None);
             }
         }

@@ -22,9 +22,7 @@
 //! | `callbacks` | due at, id | attempts so far |
 //! | `counters` | status; `p` + lane; `b` + lane + seq bucket; `s` + segment | count |
 //! | `meta` | `format`, `checkpoint` | |
-//! | `idempotency` | lane, hashed `Idempotency-Key` | id — format 2's; emptied on upgrade |
-//!
-//! The idempotency index is in memory, with a log of its own (`keyed`).
+//! | `idempotency` | hash of lane and `Idempotency-Key`; `upto` | id — written by the checkpointer (`keyed`) |
 //!
 //! Journal segments are deleted whole, once no record references a blob in
 //! them and the checkpoint is past them: retention drops time-ordered
@@ -111,17 +109,16 @@ impl Core {
     /// journal segments no record needs and recovery can no longer read.
     fn checkpoint(&self) -> Result<(), StoreError> {
         // The trees' checkpoint and the index changes up to it, together.
-        let (at, taken) = {
+        let (at, changes) = {
             let mut index = self.keyed.lock();
             let at: Option<Position> = match self.tree(META).get("checkpoint")? {
                 Some(v) => Some(codec::decode(&v)?),
                 None => None,
             };
-            (at, self.keyed.take(&mut index))
+            (at, Keyed::take(&mut index))
         };
-        // Durable before the flush that makes the trees' checkpoint so:
-        // the journal before it may then go.
-        self.keyed.write(taken, at.unwrap_or_default())?;
+        // Before the flush, which makes them durable with the trees.
+        self.keyed.write(changes, at.unwrap_or_default())?;
         let current = self.journal.current();
         let mut dead = Vec::new();
         if let Some(at) = at {
@@ -172,7 +169,7 @@ impl SledStore {
             Some(v) => codec::decode(&v)?,
             None => Position::default(),
         };
-        let (keyed, upto) = Keyed::open(&config.path, &trees[IDEMPOTENCY], checkpoint)?;
+        let (keyed, upto) = Keyed::open(trees[IDEMPOTENCY].clone(), format, checkpoint)?;
         if format < FORMAT {
             trees[META].insert("format", &[FORMAT])?;
         }

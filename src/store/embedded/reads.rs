@@ -164,7 +164,7 @@ impl SledStore {
         idem: &Idempotency,
     ) -> Result<Option<Result<RequestRecord, StoreError>>, StoreError> {
         let key = keys::idempotency(lane, &idem.key);
-        let Some(id) = self.core.keyed.lock().get(&key) else {
+        let Some(id) = self.core.keyed.lookup(&key)? else {
             return Ok(None);
         };
         let Some(rec) = self.get(&id)? else {

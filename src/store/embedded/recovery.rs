@@ -68,14 +68,11 @@ pub(super) fn replay(core: &Core, upto: Position, from: Position) -> Result<u64,
     let mut catch_up = Some(CatchUp::default());
     let caught_up = |catch_up: CatchUp| {
         let records = core.tree(RECORDS);
-        catch_up.finish(&mut core.keyed.lock(), |id| {
-            Ok(records.contains_key(id.as_bytes())?)
-        })
+        catch_up.finish(&core.keyed, |id| Ok(records.contains_key(id.as_bytes())?))
     };
     let mut batch = Vec::new();
     let mut entries = 0;
-    // A log ahead of the trees (its batch was durable, sled's flush not)
-    // is caught up by the replay itself, which sets the same keys again.
+    // (The mark is never past the checkpoint: see `keyed`.)
     core.journal.replay(upto.min(from), |at, payload| {
         let entry = decode_entry(at, payload)?;
         if at < from {

@@ -1,6 +1,7 @@
-//! The idempotency index across a crash: what was applied after its log's
-//! last batch comes back from the journal, deletes included; a torn batch
-//! is cut off; a data dir of format 2 is upgraded with its keys.
+//! The idempotency index across a crash: what was applied after the
+//! checkpointer last wrote it comes back from the journal, deletes
+//! included; memory holds only that; a data dir of format 2 is upgraded
+//! with its keys.
 
 use super::edges::walk;
 use super::*;
@@ -39,7 +40,7 @@ fn keys_applied_after_the_last_copy_come_back_after_a_crash() {
     let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
     let b = enqueue(&s, keyed(1, "b", b"2")).unwrap();
     let gone = enqueue(&s, keyed(1, "gone", b"3")).unwrap();
-    // The log holds a, b and gone, marked at this checkpoint.
+    // The tree holds a, b and gone, marked at this checkpoint.
     s.core.checkpoint().unwrap();
     let c = enqueue(&s, keyed(1, "c", b"4")).unwrap();
     assert!(block(s.cancel(&b.id)).unwrap());
@@ -47,31 +48,34 @@ fn keys_applied_after_the_last_copy_come_back_after_a_crash() {
     assert!(block(s.cancel(&gone.id)).unwrap());
     let short = enqueue(&s, keyed(2, "short", b"6")).unwrap();
     assert!(block(s.cancel(&short.id)).unwrap());
-    // The trees, flushed past the copy's mark, as a crash can leave them.
+    assert_eq!(
+        s.core.keyed.in_memory(),
+        4,
+        "keys c, b, gone and short: not yet written"
+    );
+    // The trees, flushed past the index's mark, as a crash can leave them.
     s.core.db.flush().unwrap();
     let copy = crash_image(dir.path());
     drop(s);
-    // A batch the crash tore.
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(copy.path().join("keys"))
-        .unwrap();
-    std::io::Write::write_all(&mut log, &[200, 0, 0, 0, 1, 2, 3]).unwrap();
-    drop(log);
 
     let r = open(copy.path());
-    assert_eq!(r.core.keyed.lock().len(), 3, "a, c and the new b");
     for (key, body, id) in [("a", "1", a.id), ("c", "4", c.id), ("b", "5", b2.id)] {
         let again = enqueue(&r, keyed(1, key, body.as_bytes())).unwrap();
         assert_eq!(again.id, id, "key {key}");
     }
     assert_ne!(enqueue(&r, keyed(1, "gone", b"3")).unwrap().id, gone.id);
     assert_eq!(count(&r, Status::Enqueued), 4, "a, c, b and the new gone");
-    // The next checkpoint brings the log up to date, after the cut.
+    // The checkpoint writes what the catch-up and these found: none of it
+    // stays in memory, and a reopen finds the same.
+    r.core.checkpoint().unwrap();
+    assert_eq!(r.core.keyed.in_memory(), 0);
     r.close().unwrap();
     drop(r);
     let r = open(copy.path());
-    assert_eq!(r.core.keyed.lock().len(), 4);
+    for (key, body, id) in [("a", "1", a.id), ("c", "4", c.id), ("b", "5", b2.id)] {
+        assert_eq!(enqueue(&r, keyed(1, key, body.as_bytes())).unwrap().id, id);
+    }
+    assert_eq!(count(&r, Status::Enqueued), 4);
 }
 
 #[test]
@@ -81,9 +85,8 @@ fn a_data_dir_of_format_2_is_upgraded_with_its_keys() {
     let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
     s.close().unwrap();
     drop(s);
-    // As format 2 kept it: in sled, the lane and the key's hash as the
-    // key; no log.
-    std::fs::remove_file(dir.path().join("keys")).unwrap();
+    // As format 2 kept it: the lane and the key's hash as the key, no
+    // mark.
     {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
@@ -116,34 +119,13 @@ fn a_data_dir_of_format_2_is_upgraded_with_its_keys() {
     assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
     let meta = r.core.tree(change::META).get("format").unwrap();
     assert_eq!(meta.as_deref(), Some(&[FORMAT][..]));
+    let tree = r.core.tree(change::IDEMPOTENCY);
     assert!(
-        r.core.tree(change::IDEMPOTENCY).is_empty(),
-        "moved to the log"
+        tree.iter().keys().all(|k| k.unwrap().len() != 64),
+        "converted"
     );
     r.close().unwrap();
     drop(r);
     let r = open(dir.path());
     assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
-}
-
-#[test]
-fn a_log_rewritten_whole_keeps_what_is_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path());
-    let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
-    let b = enqueue(&s, keyed(1, "b", b"2")).unwrap();
-    s.core.checkpoint().unwrap();
-    assert!(block(s.cancel(&b.id)).unwrap());
-    s.core.keyed.rewrite_always();
-    s.core.checkpoint().unwrap();
-    let whole = std::fs::metadata(dir.path().join("keys")).unwrap().len();
-    let c = enqueue(&s, keyed(1, "c", b"3")).unwrap();
-    s.close().unwrap();
-    drop(s);
-    assert!(whole < 100, "one batch of one entry: {whole} bytes");
-    let r = open(dir.path());
-    assert_eq!(r.core.keyed.lock().len(), 2);
-    assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
-    assert_eq!(enqueue(&r, keyed(1, "c", b"3")).unwrap().id, c.id);
-    assert_ne!(enqueue(&r, keyed(1, "b", b"2")).unwrap().id, b.id);
 }
