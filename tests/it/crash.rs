@@ -2,7 +2,9 @@
 //! The fake upstream records every arrival by the request's own key (an
 //! `X-Test-Key` header the gateway forwards), so the checks at the end see
 //! what really reached it. Seeded; the seed is printed
-//! (`ASYNCGATE_CRASH_SEED=<n>` replays a run's choices). 12 cycles by
+//! (`ASYNCGATE_CRASH_SEED=<n>` replays a run's choices). Half the
+//! submissions carry an `Idempotency-Key`: sent again after the last
+//! start, each must name the request it named before. 12 cycles by
 //! default; `ASYNCGATE_CRASH_CYCLES=<n>` runs more (a long mode, outside CI).
 
 use std::cell::RefCell;
@@ -43,6 +45,8 @@ struct Accepted {
     method: &'static str,
     token: &'static str,
     callback: bool,
+    /// Where it was sent, when it carried an `Idempotency-Key` (its key).
+    keyed: Option<String>,
 }
 
 /// Per key: arrivals let through, arrivals refused with 429.
@@ -130,15 +134,17 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
                     let token = TOKENS[(c >> 8) as usize % TOKENS.len()];
                     let callback = (c >> 16) % 2 == 0;
                     let key = format!("k{}", first_key + n as u64);
+                    let path = format!("/async_api/v2/item/{s}.json");
                     let mut req = client
-                        .request(
-                            method.parse().unwrap(),
-                            format!("{base}/async_api/v2/item/{s}.json"),
-                        )
+                        .request(method.parse().unwrap(), format!("{base}{path}"))
                         .insert_header(("Authorization", token))
                         .insert_header(("X-Test-Key", key.as_str()));
                     if callback {
                         req = req.insert_header(("X-Callback-Location", cb.as_str()));
+                    }
+                    let keyed = ((c >> 20) % 2 == 0).then_some(path);
+                    if keyed.is_some() {
+                        req = req.insert_header(("Idempotency-Key", key.as_str()));
                     }
                     let Ok(mut res) = req.send_body(key.clone()).await else {
                         return;
@@ -156,6 +162,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
                         method,
                         token,
                         callback,
+                        keyed,
                     });
                     // Spread the submissions over the cycle, so kills land
                     // during submissions as well as during execution.
@@ -279,10 +286,28 @@ async fn kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice() {
         );
         actix_web::rt::time::sleep(Duration::from_millis(200)).await;
     }
+    // Every key still names its request, whatever moment the kills hit
+    // (the index's changes wait in memory until a checkpoint).
+    let mut keyed = 0;
+    for a in &accepted {
+        let Some(path) = &a.keyed else { continue };
+        let mut res = client
+            .request(a.method.parse().unwrap(), format!("{}{path}", p.base))
+            .insert_header(("Authorization", a.token))
+            .insert_header(("Idempotency-Key", a.key.as_str()))
+            .send_body(a.key.clone())
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 202, "{a:?} sent again");
+        let v: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(v["id"], a.id.as_str(), "{a:?}: its key names it");
+        keyed += 1;
+    }
+    assert!(keyed > 10, "too few keyed submissions: {keyed}");
     let refused: u32 = arrivals.values().map(|(_, r)| r).sum();
     println!(
         "crash test: seed {seed}, {cycles} kill -9 cycles, {} accepted, {} done, {unknown} unknown, \
-         {refused} refused with 429, {} callbacks checked",
+         {refused} refused with 429, {} callbacks checked, {keyed} keys sent again",
         accepted.len(),
         done.len(),
         wanted.len()
