@@ -41,8 +41,8 @@ const UPTO: &[u8] = b"upto";
 /// Changes not yet in the tree (`None`: removed).
 type Changes = HashMap<Key, Option<RequestId>>;
 
-/// The filter's bits: 16 MiB, about 1 % false positives at 14 million
-/// keys (three bits a key).
+/// The filter's bits: 16 MiB, three bits a key: about 1 % false positives
+/// at 11 million keys, 12 % at 30 million.
 const FILTER_BITS: u64 = 1 << 27;
 
 /// A Bloom filter of `Key`s, which are hashes already: three bits a key,
@@ -217,7 +217,8 @@ fn from_format_2(tree: &sled::Tree) -> Result<(), StoreError> {
 /// read for their keys alone: the trees hold their effects already.
 #[derive(Default)]
 pub(super) struct CatchUp {
-    stored: Vec<(Key, RequestId)>,
+    /// Submissions with a key and removals, in journal order.
+    events: Vec<(Option<Key>, RequestId)>,
     removed: HashSet<RequestId>,
 }
 
@@ -226,35 +227,51 @@ impl CatchUp {
         match change {
             Change::Submit { rec, .. } => {
                 if let Some(idem) = rec.idempotency {
-                    self.stored
-                        .push((keys::idempotency(&rec.lane, &idem.key), rec.id));
+                    let key = keys::idempotency(&rec.lane, &idem.key);
+                    self.events.push((Some(key), rec.id));
                 }
             }
-            Change::Delete { id } | Change::Cancel { id } => {
-                self.removed.insert(*id);
-            }
-            Change::Expire { due, .. } => self.removed.extend(due.iter().map(|(_, id)| *id)),
+            Change::Delete { id } | Change::Cancel { id } => self.removed(*id),
+            Change::Expire { due, .. } => due.iter().for_each(|(_, id)| self.removed(*id)),
             _ => {}
         }
     }
 
-    /// Applies what was noted, given which requests the trees hold: a
-    /// submission whose request is there was stored (not a repeat, not
-    /// refused, not deleted since), in journal order. A key whose request
-    /// was deleted meanwhile may still name it in the tree: a stale entry,
-    /// which a lookup finds no record behind (taken over by the next
-    /// submission with that key), unless the same key was stored again.
+    fn removed(&mut self, id: RequestId) {
+        self.events.push((None, id));
+        self.removed.insert(id);
+    }
+
+    /// Makes the index's changes again, in journal order. A submission
+    /// stored its request if the trees hold it, or if a later change
+    /// removed it (no one can name the id of one that was not stored: a
+    /// repeat or a refusal answers with another id or none); a removal
+    /// frees the key its request was stored under, if it still names it.
+    /// A key whose request was stored before the mark and deleted since
+    /// may still name it in the tree: a stale entry, which a lookup finds
+    /// no record behind (and the next submission with that key takes
+    /// over).
     pub(super) fn finish(
         self,
         keyed: &Keyed,
         exists: impl Fn(&RequestId) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
         let mut index = keyed.lock();
-        for (key, id) in self.stored {
-            if exists(&id)? {
-                index.set(key, Some(id));
-            } else if self.removed.contains(&id) && keyed.get(&index, &key)? == Some(id) {
-                index.set(key, None);
+        let mut key_of = HashMap::new();
+        for (key, id) in self.events {
+            match key {
+                Some(key) if self.removed.contains(&id) || exists(&id)? => {
+                    index.set(key, Some(id));
+                    key_of.insert(id, key);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(key) = key_of.get(&id)
+                        && keyed.get(&index, key)? == Some(id)
+                    {
+                        index.set(*key, None);
+                    }
+                }
             }
         }
         Ok(())

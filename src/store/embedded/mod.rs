@@ -84,9 +84,10 @@ pub(crate) struct Core {
     fatal: Fatal,
     /// Long-polls waiting for a request to finish, woken by the applier.
     waiters: Waiters,
-    /// The idempotency index, in memory; its copy in sled trails by what
-    /// was applied since the last checkpoint.
+    /// The idempotency index's changes not yet in sled, and its filter.
     keyed: Keyed,
+    /// One checkpoint at a time (the checkpointer's, open's, close's).
+    checkpointing: Mutex<()>,
 }
 
 pub struct SledStore {
@@ -108,6 +109,7 @@ impl Core {
     /// Flushes sled and moves the durable checkpoint on; then deletes the
     /// journal segments no record needs and recovery can no longer read.
     fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
         // The trees' checkpoint and the index changes up to it, together.
         let (at, changes) = {
             let mut index = self.keyed.lock();
@@ -187,6 +189,7 @@ impl SledStore {
             fatal: Fatal::default(),
             waiters: Waiters::default(),
             keyed,
+            checkpointing: Mutex::default(),
         });
         // The journal's tail the trees had not caught up with.
         let replayed = recovery::replay(&core, upto, checkpoint)?;

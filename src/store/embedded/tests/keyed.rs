@@ -151,3 +151,39 @@ fn the_filter_holds_every_key_added_and_few_others() {
         .count();
     assert!(others < 100, "{others} false positives in 100,000");
 }
+
+#[test]
+fn the_catch_up_keeps_the_journal_order_of_a_key_taken_over_and_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    // `a` is done and past its retention (at 2,001), not yet swept.
+    let a = enqueue(&s, keyed(1, "k", b"1")).unwrap();
+    let claimed = claim(&s, &a.lane, 1_500).unwrap();
+    assert!(complete(
+        &s,
+        &a.id,
+        claimed.claims,
+        completion(200, vec![]),
+        2_000,
+        1
+    ));
+    s.core.checkpoint().unwrap();
+    // After the mark: the key taken over by `b`, then `b` cancelled, which
+    // frees the key (it does not fall back to `a`).
+    let mut later = keyed(1, "k", b"1");
+    later.now_ms = 5_000;
+    let b = enqueue(&s, later).unwrap();
+    assert_ne!(b.id, a.id);
+    assert!(block(s.cancel(&b.id)).unwrap());
+    let key = keys::idempotency(&a.lane, &a.idempotency.unwrap().key);
+    assert_eq!(s.core.keyed.lookup(&key).unwrap(), None);
+    s.core.db.flush().unwrap();
+    let copy = crash_image(dir.path());
+    drop(s);
+    let r = open(copy.path());
+    assert_eq!(
+        r.core.keyed.lookup(&key).unwrap(),
+        None,
+        "as before the crash"
+    );
+}
