@@ -9,14 +9,6 @@
 //! most of what a key cost (benches/RESULTS.md). Memory holds only what
 //! changed since the last checkpoint (SPEC §9); the tree, every key.
 //!
-//! In front of the tree, a Bloom filter of fixed size (`Filter`) answers
-//! most lookups of a new key, which would otherwise read a random leaf of
-//! the tree: every key the tree may hold is in it (the tree's keys are
-//! added on open, every key set since as it is set); a key it does not
-//! hold is not in the tree. Removed keys stay in it, so it fills with the
-//! keys of the process's life, and a lookup it cannot answer reads the
-//! tree, as without it.
-//!
 //! The checkpointer writes the changes and then a mark, `upto`: the trees'
 //! checkpoint they were taken with. sled's log keeps that order, and the
 //! rounds up to the mark were committed before it, so after a crash the
@@ -41,66 +33,25 @@ const UPTO: &[u8] = b"upto";
 /// Changes not yet in the tree (`None`: removed).
 type Changes = HashMap<Key, Option<RequestId>>;
 
-/// The filter's bits: 16 MiB, three bits a key: about 1 % false positives
-/// at 11 million keys, 12 % at 30 million.
-const FILTER_BITS: u64 = 1 << 27;
-
-/// A Bloom filter of `Key`s, which are hashes already: three bits a key,
-/// from its two halves.
-pub(super) struct Filter(Vec<u64>);
-
-impl Default for Filter {
-    fn default() -> Filter {
-        // Zeroed by the allocator: pages become resident as bits are set.
-        Filter(vec![0; (FILTER_BITS / 64) as usize])
-    }
-}
-
-impl Filter {
-    fn bits(key: &Key) -> impl Iterator<Item = u64> {
-        let half = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
-        let (a, b) = (half(&key[..8]), half(&key[8..]) | 1);
-        (0..3u64).map(move |i| a.wrapping_add(i.wrapping_mul(b)) % FILTER_BITS)
-    }
-
-    pub(super) fn add(&mut self, key: &Key) {
-        for bit in Self::bits(key) {
-            self.0[(bit / 64) as usize] |= 1 << (bit % 64);
-        }
-    }
-
-    /// False: `key` was never added.
-    pub(super) fn may_hold(&self, key: &Key) -> bool {
-        Self::bits(key).all(|bit| self.0[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
-    }
-}
-
 #[derive(Default)]
 pub(super) struct Index {
     /// Since the checkpointer last took them.
     dirty: Changes,
     /// Taken by the checkpointer, being written.
     writing: Changes,
-    pub(super) filter: Filter,
 }
 
 impl Index {
     pub(super) fn set(&mut self, key: Key, to: Option<RequestId>) {
-        if to.is_some() {
-            self.filter.add(&key);
-        }
         self.dirty.insert(key, to);
     }
 
-    /// What memory says of `key`, if it says anything: its change not yet
-    /// written, or that the tree does not hold it.
+    /// What memory says of `key`, if it says anything.
     pub(super) fn known(&self, key: &Key) -> Option<Option<RequestId>> {
-        let changed = self.dirty.get(key).or_else(|| self.writing.get(key));
-        match changed {
-            Some(to) => Some(*to),
-            None if !self.filter.may_hold(key) => Some(None),
-            None => None,
-        }
+        self.dirty
+            .get(key)
+            .or_else(|| self.writing.get(key))
+            .copied()
     }
 }
 
@@ -130,14 +81,8 @@ impl Keyed {
                 checkpoint
             }
         };
-        let mut index = Index::default();
-        for key in tree.iter().keys() {
-            if let Ok(key) = Key::try_from(key?.as_ref()) {
-                index.filter.add(&key);
-            }
-        }
         let keyed = Keyed {
-            index: Mutex::new(index),
+            index: Mutex::default(),
             tree,
         };
         Ok((keyed, upto))

@@ -129,29 +129,6 @@ fn a_data_dir_of_format_2_is_upgraded_with_its_keys() {
     let r = open(dir.path());
     assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
 }
-
-#[test]
-fn the_filter_holds_every_key_added_and_few_others() {
-    use super::super::keyed::{Filter, Key};
-    use sha2::Digest;
-    let key = |i: u32| -> Key {
-        let d = sha2::Sha256::digest(i.to_le_bytes());
-        d[..16].try_into().unwrap()
-    };
-    let mut filter = Filter::default();
-    for i in 0..100_000 {
-        filter.add(&key(i));
-    }
-    assert!(
-        (0..100_000).all(|i| filter.may_hold(&key(i))),
-        "no false negative"
-    );
-    let others = (100_000..200_000)
-        .filter(|i| filter.may_hold(&key(*i)))
-        .count();
-    assert!(others < 100, "{others} false positives in 100,000");
-}
-
 #[test]
 fn the_catch_up_keeps_the_journal_order_of_a_key_taken_over_and_freed() {
     let dir = tempfile::tempdir().unwrap();
