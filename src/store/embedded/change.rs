@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalTree};
 
-use super::keyed::{Index, Key};
+use super::keyed::{self, Index, Key};
 use super::keys;
 use super::{Claim, StoreError, codec};
 use crate::model::{
@@ -490,16 +490,8 @@ impl<'a> Tx<'a> {
             return Ok(None);
         };
         Ok(match self.record(&id)? {
-            // Another lane or key behind the same 16 bytes of hash: not
-            // this key's request.
-            Ok(Some(f)) if f.lane != *lane || f.idempotency.map(|i| i.key) != Some(idem.key) => {
-                None
-            }
             Ok(Some(f)) if f.is_expired(now_ms) => None,
-            Ok(Some(f)) if f.idempotency.map(|i| i.fingerprint) == Some(idem.fingerprint) => {
-                Some(Ok(f))
-            }
-            Ok(Some(_)) => Some(Err(StoreError::IdempotencyReused)),
+            Ok(Some(f)) => keyed::judge(f, lane, idem),
             // A stale entry: taken over.
             _ => None,
         })

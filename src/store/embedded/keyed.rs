@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 use super::change::Change;
 use super::journal::Position;
 use super::{StoreError, codec, keys};
-use crate::model::RequestId;
+use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord};
 
 /// `keys::idempotency`: 16 bytes of a hash of lane and key.
 pub(super) type Key = [u8; 16];
@@ -105,10 +105,7 @@ impl Keyed {
 
     /// The same, for a reader outside the writer.
     pub(super) fn lookup(&self, key: &Key) -> Result<Option<RequestId>, StoreError> {
-        if let Some(known) = self.lock().known(key) {
-            return Ok(known);
-        }
-        Ok(self.tree.get(key)?.and_then(|v| keys::id_from(&v)))
+        self.get(&self.lock(), key)
     }
 
     /// The changes to write, taken under the lock together with the trees'
@@ -139,6 +136,23 @@ impl Keyed {
     pub(super) fn in_memory(&self) -> usize {
         let index = self.lock();
         index.dirty.len() + index.writing.len()
+    }
+}
+
+/// What the request a key led to says of a submission with `lane` and
+/// `idem`: nothing if it is another key's (16 bytes of hash can be shared),
+/// the same request, or the key reused for another.
+pub(super) fn judge(
+    first: RequestRecord,
+    lane: &LaneKey,
+    idem: &Idempotency,
+) -> Option<Result<RequestRecord, StoreError>> {
+    match first.idempotency {
+        Some(i) if first.lane == *lane && i.key == idem.key => Some(match i.fingerprint {
+            f if f == idem.fingerprint => Ok(first),
+            _ => Err(StoreError::IdempotencyReused),
+        }),
+        _ => None,
     }
 }
 

@@ -84,7 +84,7 @@ pub(crate) struct Core {
     fatal: Fatal,
     /// Long-polls waiting for a request to finish, woken by the applier.
     waiters: Waiters,
-    /// The idempotency index's changes not yet in sled, and its filter.
+    /// The idempotency index's changes not yet in sled.
     keyed: Keyed,
     /// One checkpoint at a time (the checkpointer's, open's, close's).
     checkpointing: Mutex<()>,

@@ -167,14 +167,9 @@ impl SledStore {
         let Some(id) = self.core.keyed.lookup(&key)? else {
             return Ok(None);
         };
-        let Some(rec) = self.get(&id)? else {
-            return Ok(None);
-        };
-        Ok(match rec.idempotency {
-            Some(i) if rec.lane != *lane || i.key != idem.key => None,
-            Some(i) if i.fingerprint == idem.fingerprint => Some(Ok(rec)),
-            _ => Some(Err(StoreError::IdempotencyReused)),
-        })
+        Ok(self
+            .get(&id)?
+            .and_then(|first| super::keyed::judge(first, lane, idem)))
     }
 
     /// Requests before `rec` in its lane (SPEC §10 `ahead`), exact: the

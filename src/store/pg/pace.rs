@@ -272,10 +272,11 @@ impl PgStore {
         Ok(lanes
             .iter()
             .map(|lane| {
-                let recs = by_lane.get_mut(lane);
-                if let Some(rec) = recs.and_then(Vec::pop) {
+                if let Some(recs) = by_lane.get_mut(lane)
+                    && let Some(rec) = recs.pop()
+                {
                     // The lane's last claimed request, and nothing left.
-                    let last = by_lane.get(lane).is_some_and(Vec::is_empty) && !more.contains(lane);
+                    let last = recs.is_empty() && !more.contains(lane);
                     return match last {
                         true => Claim::Last(Box::new(rec)),
                         false => Claim::Got(Box::new(rec)),

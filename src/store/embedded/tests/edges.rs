@@ -237,13 +237,7 @@ fn the_journal_brings_back_what_sled_had_not_flushed() {
         9,
         1_000
     ));
-    let copy = tempfile::tempdir().unwrap();
-    for entry in walk(dir.path()) {
-        let to = copy.path().join(entry.strip_prefix(dir.path()).unwrap());
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &to).unwrap();
-    }
-    let _ = std::fs::remove_file(copy.path().join("db.lock"));
+    let copy = crash_image(dir.path());
     drop(s);
     let r = open(copy.path());
     assert_eq!(
@@ -268,7 +262,20 @@ fn the_journal_brings_back_what_sled_had_not_flushed() {
     );
 }
 
-pub(super) fn walk(dir: &Path) -> Vec<PathBuf> {
+/// A copy of `dir` as sled and the journal left it on disk: what a crash
+/// would leave (sled's lock file dropped).
+pub(super) fn crash_image(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in walk(dir) {
+        let to = copy.path().join(entry.strip_prefix(dir).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let _ = std::fs::remove_file(copy.path().join("db.lock"));
+    copy
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();

@@ -3,7 +3,7 @@
 //! included; memory holds only that; a data dir of format 2 is upgraded
 //! with its keys.
 
-use super::edges::walk;
+use super::edges::crash_image;
 use super::*;
 use crate::model::Idempotency;
 
@@ -18,19 +18,6 @@ fn keyed(lane: u8, key: &str, body: &[u8]) -> NewRequest {
         fingerprint: hash(body),
     });
     new
-}
-
-/// A copy of `dir` as sled and the journal left it on disk: what a crash
-/// would leave (sled's lock file dropped).
-fn crash_image(dir: &Path) -> tempfile::TempDir {
-    let copy = tempfile::tempdir().unwrap();
-    for entry in walk(dir) {
-        let to = copy.path().join(entry.strip_prefix(dir).unwrap());
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &to).unwrap();
-    }
-    let _ = std::fs::remove_file(copy.path().join("db.lock"));
-    copy
 }
 
 #[test]
@@ -129,6 +116,7 @@ fn a_data_dir_of_format_2_is_upgraded_with_its_keys() {
     let r = open(dir.path());
     assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
 }
+
 #[test]
 fn the_catch_up_keeps_the_journal_order_of_a_key_taken_over_and_freed() {
     let dir = tempfile::tempdir().unwrap();
