@@ -88,6 +88,8 @@ pub(crate) trait MessageType: Sized {
 
         {
             let headers = self.headers_mut();
+            // asyncgate: room for these headers at once (PATCHED.md)
+            headers.reserve(raw_headers.len());
 
             for idx in raw_headers.iter() {
                 let name = HeaderName::from_bytes(&slice[idx.name.0..idx.name.1]).unwrap();

@@ -38,6 +38,7 @@ use crate::{
 
 const LW_BUFFER_SIZE: usize = 1024;
 const HW_BUFFER_SIZE: usize = 1024 * 8;
+const FIRST_READ_SIZE: usize = 1024 * 2;
 const MAX_PIPELINED_MESSAGES: usize = 16;
 
 /// Write buffer capacity at which we reallocate it after flushing.
@@ -304,8 +305,9 @@ where
                     graceful_shutdown: config.graceful_shutdown(),
 
                     io: Some(io),
-                    read_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
-                    write_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
+                    // asyncgate: both allocated when first needed (see PATCHED.md).
+                    read_buf: BytesMut::new(),
+                    write_buf: BytesMut::new(),
                     h1_write_buffer_size: config.h1_write_buffer_size(),
                     write_buf_needs_reset: false,
                     codec: Codec::new(config),
@@ -1237,7 +1239,15 @@ where
             // grow buffer if necessary.
             let remaining = this.read_buf.capacity() - this.read_buf.len();
             if remaining < LW_BUFFER_SIZE {
-                this.read_buf.reserve(HW_BUFFER_SIZE - remaining);
+                // asyncgate: an empty buffer starts at FIRST_READ_SIZE, enough for a
+                // request head and a small body; a request held unanswered keeps
+                // the block its head was read into (see PATCHED.md).
+                let size = if this.read_buf.is_empty() {
+                    FIRST_READ_SIZE
+                } else {
+                    HW_BUFFER_SIZE
+                };
+                this.read_buf.reserve(size - remaining);
             }
 
             match tokio_util::io::poll_read_buf(io.as_mut(), cx, this.read_buf) {

@@ -29,7 +29,7 @@ impl Default for RequestHead {
             method: Method::default(),
             uri: Uri::default(),
             version: Version::HTTP_11,
-            headers: HeaderMap::with_capacity(16),
+            headers: HeaderMap::new(), // asyncgate: sized by the decoder (PATCHED.md)
             peer_addr: None,
             flags: Flags::empty(),
         }
