@@ -118,9 +118,11 @@ impl Keyed {
     /// Writes what `take` gave, then the mark `at`. The caller flushes.
     pub(super) fn write(
         &self,
-        changes: Vec<(Key, Option<RequestId>)>,
+        mut changes: Vec<(Key, Option<RequestId>)>,
         at: Position,
     ) -> Result<(), StoreError> {
+        // In key order: consecutive inserts land in the same leaves.
+        changes.sort_unstable_by_key(|(key, _)| *key);
         for (key, to) in changes {
             match to {
                 Some(id) => self.tree.insert(key, id.as_bytes())?,
