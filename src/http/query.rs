@@ -1,6 +1,8 @@
 //! Reads: status and the stored response. Every lookup
 //! answers the same 404 for an unknown, malformed, expired or foreign id.
 
+use std::sync::Arc;
+
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -44,8 +46,13 @@ pub async fn status(req: HttpRequest, state: web::Data<State>) -> Result<HttpRes
     if let Some(wait) = prefer.wait
         && !wait::settled(rec.status)
     {
-        wait::until_settled(&state, &[rec.id], &rec.lane, wait).await;
-        rec = find_owned(&req, &state, file).await?;
+        // Held, it keeps only what it waits with (a held request's memory).
+        let (id, lane) = (rec.id, rec.lane);
+        drop(rec);
+        rec = match wait::settled_within(&state, id, &lane, wait).await {
+            Some(settled) => Arc::unwrap_or_clone(settled),
+            None => find_owned(&req, &state, file).await?,
+        };
     }
     let mut res = status_answer(&rec, &state).await?;
     if let Some(wait) = prefer.wait {

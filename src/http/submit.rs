@@ -1,6 +1,8 @@
 //! `ANY /async_api/<rest>`: validate, store durably, answer 202, wake the
 //! dispatcher. Nothing is stored for a bad submission.
 
+use std::sync::Arc;
+
 use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
@@ -182,8 +184,10 @@ async fn answer(
             .insert_header((header::LOCATION, location))
             .json(Accepted::new(&rec)));
     };
-    wait::until_settled(state, &[rec.id], &rec.lane, wait).await;
-    let now = wait::visible(state, &rec.id, &rec.lane).await?;
+    let now = match wait::settled_within(state, rec.id, &rec.lane, wait).await {
+        Some(settled) => Some(Arc::unwrap_or_clone(settled)),
+        None => wait::visible(state, &rec.id, &rec.lane).await?,
+    };
     if let Some(done) = now.as_ref().filter(|r| r.status == Status::Done) {
         // Too large to keep: the 502 still says where the request is.
         let mut res = query::stored_response(done, state)

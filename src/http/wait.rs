@@ -4,7 +4,8 @@
 //! the request wakes it. A gateway shutting down answers at once.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header;
@@ -19,6 +20,7 @@ use super::view::StatusView;
 use super::{ApiError, State, single_header};
 use crate::crypto::{credential_hash, same_owner};
 use crate::model::{LaneKey, RequestId, RequestRecord, Status, now_ms};
+use crate::store::Woken;
 
 /// Whether a request's wait is over: it will not change by itself.
 pub fn settled(status: Status) -> bool {
@@ -31,22 +33,44 @@ pub async fn visible(
     id: &RequestId,
     caller: &LaneKey,
 ) -> Result<Option<RequestRecord>, ApiError> {
-    Ok(state
-        .store
-        .get(id)
-        .await?
-        .filter(|r| same_owner(&r.lane, caller) && !r.is_expired(now_ms())))
+    Ok(state.store.get(id).await?.filter(|r| seen_by(r, caller)))
 }
 
 /// Holds until every one of `ids` visible to `caller` is settled (or gone),
 /// `wait` passes, or the gateway stops. Only visible, unsettled requests
-/// are watched, and a wake-up re-reads only the request it was for.
+/// are watched; a wake-up that brings the record settled and visible ends
+/// that request's wait, any other re-reads only the request it was for.
+/// Read the records again after it: one may have changed meanwhile.
 pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, wait: Duration) {
+    hold(state, ids, caller, wait, false).await;
+}
+
+/// [`until_settled`] for one request, with the record its wake-up brought
+/// if that ended the wait (settled, visible to `caller`, read as the store
+/// round that settled it left it): answered at once, it needs no second
+/// read. `None`: read it again.
+pub async fn settled_within(
+    state: &State,
+    id: RequestId,
+    caller: &LaneKey,
+    wait: Duration,
+) -> Option<Arc<RequestRecord>> {
+    hold(state, &[id], caller, wait, true).await.remove(&id)
+}
+
+async fn hold(
+    state: &State,
+    ids: &[RequestId],
+    caller: &LaneKey,
+    wait: Duration,
+    keep: bool,
+) -> HashMap<RequestId, Arc<RequestRecord>> {
     let deadline = Instant::now() + wait;
     let mut stopping = state.shutdown.clone();
     let unique: HashSet<RequestId> = ids.iter().copied().collect();
     let mut watched = Vec::new();
     let mut waiting = Vec::new();
+    let mut kept = HashMap::new();
     for id in unique {
         if let Some(woken) = arm(state, id, caller).await {
             watched.push(id);
@@ -57,10 +81,19 @@ pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, w
         let timeout = Box::pin(tokio::time::sleep_until(deadline));
         let stop = Box::pin(stopping.wait_for(|s| *s));
         match select(select_all(waiting), select(timeout, stop)).await {
-            Either::Left(((id, _, rest), _)) => {
+            Either::Left((((id, woken), _, rest), _)) => {
                 waiting = rest;
-                if let Some(again) = arm(state, id, caller).await {
-                    waiting.push(again);
+                match woken {
+                    Some(Some(rec)) if settled(rec.status) && seen_by(&rec, caller) => {
+                        if keep {
+                            kept.insert(id, rec);
+                        }
+                    }
+                    _ => {
+                        if let Some(again) = arm(state, id, caller).await {
+                            waiting.push(again);
+                        }
+                    }
                 }
             }
             Either::Right(_) => break,
@@ -69,14 +102,20 @@ pub async fn until_settled(state: &State, ids: &[RequestId], caller: &LaneKey, w
     for id in &watched {
         state.store.unwatch(id);
     }
+    kept
 }
 
-type Woken = std::pin::Pin<Box<dyn std::future::Future<Output = RequestId>>>;
+/// Whether `caller` may see `rec` now: its owner's, not expired.
+fn seen_by(rec: &RequestRecord, caller: &LaneKey) -> bool {
+    same_owner(&rec.lane, caller) && !rec.is_expired(now_ms())
+}
+
+type Waiting = std::pin::Pin<Box<dyn std::future::Future<Output = (RequestId, Woken)>>>;
 
 /// Watches `id` if it is visible and not settled: look, watch, look again,
-/// so that a change in between is not missed. Resolves to `id` on a
-/// change.
-async fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Woken> {
+/// so that a change in between is not missed. Resolves to `id` and what
+/// its wake-up brought on a change.
+async fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Waiting> {
     let unsettled =
         async || matches!(visible(state, &id, caller).await, Ok(Some(r)) if !settled(r.status));
     if !unsettled().await {
@@ -88,10 +127,7 @@ async fn arm(state: &State, id: RequestId, caller: &LaneKey) -> Option<Woken> {
         state.store.unwatch(&id);
         return None;
     }
-    Some(Box::pin(async move {
-        let _ = rx.await;
-        id
-    }))
+    Some(Box::pin(async move { (id, rx.await.unwrap_or(None)) }))
 }
 
 /// A bulk body. Ids are strings: anything else is a bad body (SPEC §10);

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 use pg::PgStore;
 use waiters::Waiters;
+pub use waiters::Woken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -187,10 +188,11 @@ impl Store {
         }
     }
 
-    /// Resolves when `id` may have finished or gone (look again then).
-    /// Register before looking at the status, so that a change in between
-    /// is not missed. Only that request's waiters are woken.
-    pub fn watch(&self, id: &RequestId) -> oneshot::Receiver<()> {
+    /// Resolves when `id` may have finished or gone, with its record as
+    /// the change left it where the store has it at hand (else look
+    /// again). Register before looking at the status, so that a change in
+    /// between is not missed. Only that request's waiters are woken.
+    pub fn watch(&self, id: &RequestId) -> oneshot::Receiver<Woken> {
         self.waiters().watch(id)
     }
 

@@ -202,10 +202,11 @@ async fn bulk_status_answers_in_order_and_hides_other_credentials_ids() {
     assert_eq!(r.status, 405);
 }
 
-#[actix_web::test]
-async fn bulk_wait_holds_until_every_visible_request_is_done() {
-    let up = Fake::start_with(|s, _| {
-        let ms = if s.uri.contains("late") { 800 } else { 10 };
+/// Two requests of the owner's: `early` done in 10 ms, `late` in
+/// `late_ms` (the fake upstream is returned to keep it running).
+async fn early_and_late(late_ms: u64) -> (Fake, TestApp, String, String) {
+    let up = Fake::start_with(move |s, _| {
+        let ms = if s.uri.contains("late") { late_ms } else { 10 };
         Reply::ok("{}").delay(Duration::from_millis(ms))
     })
     .await;
@@ -216,6 +217,12 @@ async fn bulk_wait_holds_until_every_visible_request_is_done() {
     let late = app
         .submit_as("POST", "/async_api/v2/late.json", OWNER)
         .await;
+    (up, app, early, late)
+}
+
+#[actix_web::test]
+async fn bulk_wait_holds_until_every_visible_request_is_done() {
+    let (_up, app, early, late) = early_and_late(800).await;
     let t = Instant::now();
     let body = format!(r#"{{"ids": ["{early}", "{late}", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]}}"#);
     let r = bulk(&app, OWNER, &body, Some("wait=20")).await;
@@ -243,6 +250,28 @@ async fn bulk_wait_holds_until_every_visible_request_is_done() {
         )
         .await;
     assert_eq!(twice.json()["items"], serde_json::json!([]));
+}
+
+#[actix_web::test]
+async fn a_bulk_wait_answers_each_request_as_it_is_when_the_wait_ends() {
+    let (_up, app, early, late) = early_and_late(1500).await;
+    let body = format!(r#"{{"ids": ["{early}", "{late}"]}}"#);
+    // The first finishes while the bulk waits for the second, and its
+    // owner deletes it: the answer, at the end, does not list it.
+    let deleting = async {
+        app.wait_for_status(&early, AUTH, "done", SECS(5)).await;
+        let gone = app
+            .call("DELETE", &path(&early), &[("Authorization", OWNER)], b"")
+            .await;
+        assert_eq!(gone.status, 204, "{gone:?}");
+    };
+    let (r, ()) =
+        futures_util::future::join(bulk(&app, OWNER, &body, Some("wait=20")), deleting).await;
+    let v = r.json();
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["items"][0]["id"], late.as_str(), "{v}");
+    assert_eq!(v["items"][0]["status"], "done", "{v}");
+    assert_eq!(v["not_found"], serde_json::json!([early]), "{v}");
 }
 
 async fn keyed(app: &TestApp, key: &str, body: &[u8]) -> Answer {

@@ -9,12 +9,18 @@ use super::change::{self, BY_STATUS, CALLBACKS, COUNTERS, EXPIRY, LANES, RECORDS
 use super::{SledStore, StoreError, callbacks, codec, keys};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord, ResponseHead, Status};
 
-impl SledStore {
-    pub fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+impl super::Core {
+    pub(super) fn record(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
         match self.tree(RECORDS).get(id.as_bytes())? {
             Some(v) => Ok(Some(codec::decode(&v)?)),
             None => Ok(None),
         }
+    }
+}
+
+impl SledStore {
+    pub fn get(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        self.core.record(id)
     }
 
     pub fn request_body(&self, rec: &RequestRecord) -> Result<Vec<u8>, StoreError> {

@@ -268,8 +268,8 @@ impl super::Core {
         Some(Written { placed, end })
     }
 
-    /// The sled half: apply a synced round in one transaction, wake the
-    /// waiters of what it finished, answer it.
+    /// The sled half: apply a synced round in one transaction, answer it,
+    /// wake the waiters of what it finished.
     fn apply_written(&self, written: Written) {
         let Written { placed, end } = written;
         if let Some(why) = self.fatal.failed() {
@@ -280,15 +280,17 @@ impl super::Core {
         }
         match self.apply_round(&placed, end) {
             Ok(results) => {
-                self.waiters.wake(
-                    placed
-                        .iter()
-                        .flat_map(|(f, _)| f.entries.changes.iter())
-                        .flat_map(|(c, _, _)| finishing(c)),
-                );
+                let finished: Vec<RequestId> = placed
+                    .iter()
+                    .flat_map(|(f, _)| f.entries.changes.iter())
+                    .flat_map(|(c, _, _)| finishing(c))
+                    .collect();
                 for ((f, _), r) in placed.into_iter().zip(results) {
                     let _ = f.reply.send(Ok(r));
                 }
+                // After the replies: reading the records for the waiters
+                // does not hold back the round's 202s.
+                self.waiters.wake_with(finished, |id| self.record(id));
             }
             Err(e) => {
                 let why = format!("applying a journal round to sled failed: {e}");

@@ -343,3 +343,32 @@ fn callbacks_move_to_their_next_due_time() {
 
 mod edges;
 mod keyed;
+
+#[test]
+fn a_waiter_is_woken_with_the_record_as_its_round_left_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let rec = enqueue(&s, new_request(1, "GET", vec![], false)).unwrap();
+    let gone = enqueue(&s, new_request(2, "GET", vec![], false)).unwrap();
+    let mut done = s.waiters().watch(&rec.id);
+    let mut cancelled = s.waiters().watch(&gone.id);
+    let claimed = claim(&s, &rec.lane, 5).unwrap();
+    // A claim finishes nothing: no wake-up.
+    assert!(done.try_recv().is_err());
+    assert!(complete(
+        &s,
+        &rec.id,
+        claimed.claims,
+        completion(200, b"ok".to_vec()),
+        10,
+        60_000
+    ));
+    let woken = block(done).unwrap().expect("the record, read");
+    let woken = std::sync::Arc::unwrap_or_clone(woken.expect("still there"));
+    assert_eq!(woken.status, Status::Done);
+    assert_eq!(woken.expires_ms, Some(60_010));
+    assert_eq!(Some(woken), s.get(&rec.id).unwrap());
+    assert!(cancelled.try_recv().is_err());
+    assert!(block(s.cancel(&gone.id)).unwrap());
+    assert_eq!(block(cancelled).unwrap(), Some(None), "woken: it is gone");
+}
