@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError as Conflict, TransactionalTree};
 
 use super::keyed::{self, Index, Key};
+use super::keyfile::KeyFile;
 use super::keys;
 use super::{Claim, StoreError, codec};
 use crate::model::{
@@ -27,8 +28,8 @@ pub(super) const EXPIRY: usize = 3;
 pub(super) const CALLBACKS: usize = 4;
 pub(super) const COUNTERS: usize = 5;
 pub(super) const META: usize = 6;
-/// Lane and hashed `Idempotency-Key` → id: written by the checkpointer
-/// (`keyed`); a round's transaction only reads it.
+/// The idempotency index of formats 2 and 3, emptied on open (`keyed`):
+/// the last tree, outside every transaction.
 pub(super) const IDEMPOTENCY: usize = 7;
 
 pub(super) const TREES: [&str; 8] = [
@@ -145,15 +146,21 @@ pub(super) struct Tx<'a> {
     trees: &'a [TransactionalTree],
     deltas: RefCell<HashMap<Vec<u8>, i64>>,
     index: &'a Index,
+    disk: &'a KeyFile,
     keyed: RefCell<HashMap<Key, Option<RequestId>>>,
 }
 
 impl<'a> Tx<'a> {
-    pub(super) fn new(trees: &'a [TransactionalTree], index: &'a Index) -> Tx<'a> {
+    pub(super) fn new(
+        trees: &'a [TransactionalTree],
+        index: &'a Index,
+        disk: &'a KeyFile,
+    ) -> Tx<'a> {
         Tx {
             trees,
             deltas: RefCell::default(),
             index,
+            disk,
             keyed: RefCell::default(),
         }
     }
@@ -165,19 +172,15 @@ impl<'a> Tx<'a> {
 
     /// The request `key` names as this transaction sees it.
     fn key_get(&self, key: &Key) -> TxResult<Option<RequestId>> {
-        // This round's changes, then the index's in memory, then the tree
-        // (read through the transaction: sled holds its write lock for the
-        // whole of it).
+        // This round's changes, then the index's in memory, then the
+        // table on disk.
         if let Some(to) = self.keyed.borrow().get(key) {
             return Ok(*to);
         }
         if let Some(known) = self.index.known(key) {
             return Ok(known);
         }
-        Ok(self
-            .t(IDEMPOTENCY)
-            .get(key)?
-            .and_then(|v| keys::id_from(&v)))
+        self.disk.get(key).map_err(Conflict::Abort)
     }
 
     fn key_set(&self, key: Key, to: Option<RequestId>) {

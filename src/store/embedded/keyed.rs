@@ -1,36 +1,33 @@
 //! The idempotency index (SPEC §10): a lane and a hashed `Idempotency-Key`
-//! → the request they name, in sled's `idempotency` tree.
+//! → the request they name, in a table of its own on disk (`keyfile`).
 //!
 //! The journal is the truth here as everywhere: a submission's entry holds
 //! its key with its record, and a delete's entry removes both. What the
 //! applier changes in a round is kept in memory (`Index`, consulted before
-//! the tree) and written to the tree by the checkpointer before its flush,
-//! off the one serial applier, where a transactional get and insert were
-//! most of what a key cost (benches/RESULTS.md). Memory holds only what
-//! changed since the last checkpoint (SPEC §9); the tree, every key.
+//! the table) and written to the table by the checkpointer, off the one
+//! serial applier. Memory holds only what changed since the last
+//! checkpoint (SPEC §9); the table, every key.
 //!
-//! The checkpointer writes the changes and then a mark, `upto`: the trees'
-//! checkpoint they were taken with. sled's log keeps that order, and the
-//! rounds up to the mark were committed before it, so after a crash the
-//! mark is never past the trees' checkpoint. `open` reads the journal
-//! from the mark to the checkpoint for its keys alone (`CatchUp`), then
-//! replays the rest as usual.
+//! The checkpointer writes the changes (durably), flushes the trees, then
+//! marks the table with the trees' checkpoint the changes were taken with
+//! (`upto`): after a crash the mark is never past the trees' checkpoint.
+//! `open` reads the journal from the mark to the checkpoint for its keys
+//! alone (`CatchUp`), then replays the rest as usual. A data dir without
+//! the table (older formats kept the index in sled) gets it from the
+//! records, each keyed one under its key: what the trees hold is their
+//! checkpoint, which becomes the mark.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use super::change::Change;
 use super::journal::Position;
+pub(super) use super::keyfile::Key;
+use super::keyfile::KeyFile;
 use super::{StoreError, codec, keys};
 use crate::model::{Idempotency, LaneKey, RequestId, RequestRecord};
 
-/// `keys::idempotency`: 16 bytes of a hash of lane and key.
-pub(super) type Key = [u8; 16];
-
-/// The tree's mark: the trees' checkpoint its entries reflect.
-const UPTO: &[u8] = b"upto";
-
-/// Changes not yet in the tree (`None`: removed).
+/// Changes not yet in the table (`None`: removed).
 type Changes = HashMap<Key, Option<RequestId>>;
 
 #[derive(Default)]
@@ -57,33 +54,38 @@ impl Index {
 
 pub(super) struct Keyed {
     index: Mutex<Index>,
-    tree: sled::Tree,
+    disk: KeyFile,
 }
 
 impl Keyed {
-    /// The index over `tree`, and its mark. A tree without one reflects
-    /// the trees' `checkpoint` (format 2, written in the rounds'
-    /// transactions, or nothing applied yet), and is marked so before
-    /// anything is applied. Format 2's keys (lane and hashed key, 64
-    /// bytes) are rewritten, each new one before its old one goes.
+    /// The index in `dir`, and its mark. Without a table there, one is
+    /// made from `records` (the trees at `checkpoint`), and the old index
+    /// in sled, `tree`, is emptied.
     pub(super) fn open(
-        tree: sled::Tree,
-        format: u8,
+        dir: &std::path::Path,
+        records: &sled::Tree,
+        tree: &sled::Tree,
         checkpoint: Position,
     ) -> Result<(Keyed, Position), StoreError> {
-        if format < 3 {
-            from_format_2(&tree)?;
-        }
-        let upto = match tree.get(UPTO)? {
-            Some(v) => codec::decode(&v)?,
+        let (disk, upto) = match KeyFile::open(dir)? {
+            Some(found) => found,
             None => {
-                tree.insert(UPTO, codec::encode(&checkpoint)?)?;
-                checkpoint
+                let mut entries = Vec::new();
+                for v in records.iter().values() {
+                    let rec: RequestRecord = codec::decode(&v?)?;
+                    if let Some(idem) = rec.idempotency {
+                        entries.push((keys::idempotency(&rec.lane, &idem.key), rec.id));
+                    }
+                }
+                (KeyFile::create(dir, &entries, checkpoint)?, checkpoint)
             }
         };
+        if !tree.is_empty() {
+            tree.clear()?;
+        }
         let keyed = Keyed {
             index: Mutex::default(),
-            tree,
+            disk,
         };
         Ok((keyed, upto))
     }
@@ -94,12 +96,12 @@ impl Keyed {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The request `key` names, as `index` (locked) and the tree say;
-    /// not inside a transaction (`change::Tx` reads the tree through it).
+    /// The request `key` names, as `index` (locked) and the table say;
+    /// not inside a transaction (`change::Tx` reads the table through it).
     fn get(&self, index: &Index, key: &Key) -> Result<Option<RequestId>, StoreError> {
         match index.known(key) {
             Some(known) => Ok(known),
-            None => Ok(self.tree.get(key)?.and_then(|v| keys::id_from(&v))),
+            None => self.disk.get(key),
         }
     }
 
@@ -115,23 +117,22 @@ impl Keyed {
         index.writing.iter().map(|(k, to)| (*k, *to)).collect()
     }
 
-    /// Writes what `take` gave, then the mark `at`. The caller flushes.
-    pub(super) fn write(
-        &self,
-        mut changes: Vec<(Key, Option<RequestId>)>,
-        at: Position,
-    ) -> Result<(), StoreError> {
-        // In key order: consecutive inserts land in the same leaves.
-        changes.sort_unstable_by_key(|(key, _)| *key);
-        for (key, to) in changes {
-            match to {
-                Some(id) => self.tree.insert(key, id.as_bytes())?,
-                None => self.tree.remove(key)?,
-            };
-        }
-        self.tree.insert(UPTO, codec::encode(&at)?)?;
+    /// Writes what `take` gave, durably; it is then read from the table.
+    pub(super) fn write(&self, changes: Vec<(Key, Option<RequestId>)>) -> Result<(), StoreError> {
+        self.disk.write(&changes)?;
         self.lock().writing.clear();
         Ok(())
+    }
+
+    /// Marks the table as reflecting the trees' checkpoint `at`: only once
+    /// the trees are flushed to it.
+    pub(super) fn mark(&self, at: Position) -> Result<(), StoreError> {
+        self.disk.mark(at)
+    }
+
+    /// The table, for a round's transaction to read.
+    pub(super) fn disk(&self) -> &KeyFile {
+        &self.disk
     }
 
     #[cfg(test)]
@@ -158,23 +159,7 @@ pub(super) fn judge(
     }
 }
 
-/// Rewrites format 2's keys (lane and hashed key) as `keys::idempotency`.
-fn from_format_2(tree: &sled::Tree) -> Result<(), StoreError> {
-    for entry in tree.iter() {
-        let (k, v) = entry?;
-        if k.len() != 64 {
-            continue;
-        }
-        let (lane, key) = k.split_at(32);
-        if let (Ok(lane), Ok(key)) = (lane.try_into(), key.try_into()) {
-            tree.insert(keys::idempotency(lane, key), v)?;
-        }
-        tree.remove(&k)?;
-    }
-    Ok(())
-}
-
-/// The journal's entries from the tree's mark to the trees' checkpoint,
+/// The journal's entries from the table's mark to the trees' checkpoint,
 /// read for their keys alone: the trees hold their effects already.
 #[derive(Default)]
 pub(super) struct CatchUp {
@@ -209,7 +194,7 @@ impl CatchUp {
     /// repeat or a refusal answers with another id or none); a removal
     /// frees the key its request was stored under, if it still names it.
     /// A key whose request was stored before the mark and deleted since
-    /// may still name it in the tree: a stale entry, which a lookup finds
+    /// may still name it in the table: a stale entry, which a lookup finds
     /// no record behind (and the next submission with that key takes
     /// over).
     pub(super) fn finish(

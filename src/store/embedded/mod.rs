@@ -22,7 +22,11 @@
 //! | `callbacks` | due at, id | attempts so far |
 //! | `counters` | status; `p` + lane; `b` + lane + seq bucket; `s` + segment | count |
 //! | `meta` | `format`, `checkpoint` | |
-//! | `idempotency` | hash of lane and `Idempotency-Key`; `upto` | id — written by the checkpointer (`keyed`) |
+//! | `idempotency` | formats 2 and 3's idempotency index, emptied on open |
+//!
+//! The idempotency index (hash of lane and `Idempotency-Key` → id) is a
+//! table of its own beside them, `idempotency.idx` (`keyfile`), written by
+//! the checkpointer (`keyed`).
 //!
 //! Journal segments are deleted whole, once no record references a blob in
 //! them and the checkpoint is past them: retention drops time-ordered
@@ -32,6 +36,7 @@ mod callbacks;
 mod change;
 mod journal;
 mod keyed;
+mod keyfile;
 mod keys;
 mod ops;
 mod reads;
@@ -49,7 +54,7 @@ pub(super) use super::{Claim, MAX_VALUE, StoreError, codec};
 
 use super::fatal::Fatal;
 use super::waiters::Waiters;
-use change::{COUNTERS, IDEMPOTENCY, META, TREES};
+use change::{COUNTERS, IDEMPOTENCY, META, RECORDS, TREES};
 use journal::{Journal, Position};
 use keyed::Keyed;
 use writer::Writer;
@@ -58,10 +63,11 @@ use writer::Writer;
 /// threshold `MAX_VALUE` is measured against.
 const SEGMENT_SIZE: usize = 1 << 20;
 
-/// The on-disk format this version writes (`meta/format`). Format 2 (the
-/// idempotency index in the round's transaction, 64-byte keys) is
-/// upgraded on open (`keyed::Keyed::open`).
-const FORMAT: u8 = 3;
+/// The on-disk format this version writes (`meta/format`). Formats 2 and
+/// 3 (the idempotency index in sled) are upgraded on open
+/// (`keyed::Keyed::open`); an older asyncgate refuses format 4, whose
+/// index it would not see.
+const FORMAT: u8 = 4;
 
 /// How often sled is flushed and the checkpoint moved on.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -119,8 +125,9 @@ impl Core {
             };
             (at, Keyed::take(&mut index))
         };
-        // Before the flush, which makes them durable with the trees.
-        self.keyed.write(changes, at.unwrap_or_default())?;
+        // Durable before the flush, and marked after it: the mark is never
+        // past the trees' checkpoint, nor past changes not on disk.
+        self.keyed.write(changes)?;
         let current = self.journal.current();
         let mut dead = Vec::new();
         if let Some(at) = at {
@@ -140,6 +147,10 @@ impl Core {
             self.fatal
                 .fail(format!("flushing the index to disk failed: {e}"));
             return Err(e);
+        }
+        // Before the segments go: the catch-up reads from the mark.
+        if let Some(at) = at {
+            self.keyed.mark(at)?;
         }
         if !dead.is_empty() {
             self.journal.remove(&dead)?;
@@ -171,7 +182,12 @@ impl SledStore {
             Some(v) => codec::decode(&v)?,
             None => Position::default(),
         };
-        let (keyed, upto) = Keyed::open(trees[IDEMPOTENCY].clone(), format, checkpoint)?;
+        let (keyed, upto) = Keyed::open(
+            &config.path,
+            &trees[RECORDS],
+            &trees[IDEMPOTENCY],
+            checkpoint,
+        )?;
         if format < FORMAT {
             trees[META].insert("format", &[FORMAT])?;
         }

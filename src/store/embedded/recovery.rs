@@ -30,7 +30,8 @@ pub(super) fn refuse_old_format(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Format 2 differs only in its idempotency index, which `open` upgrades.
+/// Formats 2 and 3 differ only in their idempotency index, which `open`
+/// upgrades.
 const UPGRADABLE: u8 = 2;
 
 /// Checks (or, for a new data dir, writes) `meta/format`; the format found.
@@ -44,7 +45,7 @@ pub(super) fn check_format(db: &sled::Db, path: &Path) -> Result<u8, StoreError>
     }
     let meta = db.open_tree("meta")?;
     match meta.get("format")?.as_deref() {
-        Some([v]) if *v == FORMAT || *v == UPGRADABLE => Ok(*v),
+        Some([v]) if (UPGRADABLE..=FORMAT).contains(v) => Ok(*v),
         Some(v) => Err(StoreError::Format(format!(
             "data dir {} holds a store of format {v:?}; this version reads format {FORMAT} only",
             path.display()

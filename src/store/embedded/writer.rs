@@ -16,7 +16,7 @@ use sled::Transactional;
 use sled::transaction::TransactionError;
 use tokio::sync::oneshot;
 
-use super::change::{Applied, Change, META, Tx};
+use super::change::{Applied, Change, IDEMPOTENCY, META, Tx};
 use super::journal::{self, Position};
 use super::{StoreError, codec, keys};
 use crate::model::{BodyRef, LaneKey, RequestId};
@@ -501,9 +501,10 @@ impl super::Core {
         // checkpointer takes the trees' checkpoint and the index's changes
         // under this lock, so they are of the same round.
         let mut index = self.keyed.lock();
-        let (out, keyed) = self.trees[..]
+        // Every tree but the emptied index of older formats.
+        let (out, keyed) = self.trees[..IDEMPOTENCY]
             .transaction(|trees| {
-                let tx = Tx::new(trees, &index);
+                let tx = Tx::new(trees, &index, self.keyed.disk());
                 let out = f(&tx)?;
                 Ok((out, tx.keyed()))
             })

@@ -1,7 +1,7 @@
 //! The idempotency index across a crash: what was applied after the
 //! checkpointer last wrote it comes back from the journal, deletes
-//! included; memory holds only that; a data dir of format 2 is upgraded
-//! with its keys.
+//! included; memory holds only that; a data dir of format 2 or 3 (the
+//! index in sled), or one whose index is gone, gets it from its records.
 
 use super::edges::crash_image;
 use super::*;
@@ -102,15 +102,13 @@ fn a_data_dir_of_format_2_is_upgraded_with_its_keys() {
             .unwrap();
         db.flush().unwrap();
     }
+    // Format 2 had no table of its own.
+    std::fs::remove_file(dir.path().join("idempotency.idx")).unwrap();
     let r = open(dir.path());
     assert_eq!(enqueue(&r, keyed(1, "a", b"1")).unwrap().id, a.id);
     let meta = r.core.tree(change::META).get("format").unwrap();
     assert_eq!(meta.as_deref(), Some(&[FORMAT][..]));
-    let tree = r.core.tree(change::IDEMPOTENCY);
-    assert!(
-        tree.iter().keys().all(|k| k.unwrap().len() != 64),
-        "converted"
-    );
+    assert!(r.core.tree(change::IDEMPOTENCY).is_empty(), "emptied");
     r.close().unwrap();
     drop(r);
     let r = open(dir.path());
@@ -151,4 +149,39 @@ fn the_catch_up_keeps_the_journal_order_of_a_key_taken_over_and_freed() {
         None,
         "as before the crash"
     );
+}
+
+#[test]
+fn an_index_lost_or_damaged_is_made_again_from_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let a = enqueue(&s, keyed(1, "a", b"1")).unwrap();
+    let b = enqueue(&s, keyed(1, "b", b"2")).unwrap();
+    assert!(block(s.cancel(&b.id)).unwrap());
+    s.close().unwrap();
+    drop(s);
+    let table = dir.path().join("idempotency.idx");
+    for damage in ["header", "gone"] {
+        match damage {
+            "header" => {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&table)
+                    .unwrap();
+                f.write_all_at(b"garbage!", 0).unwrap();
+            }
+            _ => std::fs::remove_file(&table).unwrap(),
+        }
+        let r = open(dir.path());
+        assert_eq!(
+            enqueue(&r, keyed(1, "a", b"1")).unwrap().id,
+            a.id,
+            "{damage}"
+        );
+        let b2 = enqueue(&r, keyed(1, "b", b"2")).unwrap();
+        assert_ne!(b2.id, b.id, "{damage}: b was cancelled");
+        assert!(block(r.cancel(&b2.id)).unwrap());
+        r.close().unwrap();
+    }
 }

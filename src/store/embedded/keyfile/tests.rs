@@ -1,0 +1,120 @@
+//! The table alone: sets, removals, growth, a crash's duplicates, a
+//! damaged header.
+
+use super::*;
+
+fn key(i: u64) -> Key {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(i.to_le_bytes());
+    d[..16].try_into().unwrap()
+}
+
+fn id(i: u64) -> RequestId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&(i + 1).to_be_bytes());
+    RequestId(b)
+}
+
+fn at(offset: u64) -> Position {
+    Position { segment: 1, offset }
+}
+
+#[test]
+fn keys_are_set_removed_and_set_again_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = KeyFile::create(dir.path(), &[(key(1), id(1))], at(0)).unwrap();
+    assert_eq!(t.get(&key(1)).unwrap(), Some(id(1)));
+    assert_eq!(t.get(&key(2)).unwrap(), None);
+    t.write(&[(key(2), Some(id(2))), (key(1), None)]).unwrap();
+    assert_eq!(t.get(&key(1)).unwrap(), None, "removed");
+    assert_eq!(t.get(&key(2)).unwrap(), Some(id(2)));
+    t.write(&[(key(1), Some(id(3))), (key(9), None)]).unwrap();
+    assert_eq!(t.get(&key(1)).unwrap(), Some(id(3)), "its slot again");
+    assert_eq!(t.state.lock().unwrap().used, 2);
+    t.mark(at(7)).unwrap();
+    drop(t);
+    let (t, mark) = KeyFile::open(dir.path()).unwrap().expect("there");
+    assert_eq!(mark, at(7));
+    assert_eq!(t.get(&key(1)).unwrap(), Some(id(3)));
+    assert_eq!(t.get(&key(2)).unwrap(), Some(id(2)));
+    assert_eq!(t.state.lock().unwrap().used, 2, "counted on open");
+}
+
+#[test]
+fn a_table_grows_past_half_full_and_keeps_every_live_key() {
+    grows_and_keeps_every_live_key(IN_MEMORY);
+    grows_and_keeps_every_live_key(0);
+}
+
+fn grows_and_keeps_every_live_key(in_memory: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = KeyFile::create(dir.path(), &[], at(0)).unwrap();
+    t.in_memory = in_memory;
+    t.mark(at(3)).unwrap();
+    let n = MIN_SLOTS * 3 / 2;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(4096) {
+        let sets: Vec<_> = chunk.iter().map(|&i| (key(i), Some(id(i)))).collect();
+        t.write(&sets).unwrap();
+    }
+    // Every other key removed, then the table grows again.
+    let gone: Vec<_> = (0..n).step_by(2).map(|i| (key(i), None)).collect();
+    t.write(&gone).unwrap();
+    let more: Vec<_> = (n..2 * n).map(|i| (key(i), Some(id(i)))).collect();
+    t.write(&more).unwrap();
+    let slots = t.table.read().unwrap().slots;
+    assert!(slots >= 4 * MIN_SLOTS, "grown: {slots}");
+    assert!(t.state.lock().unwrap().used * 2 <= slots);
+    for i in 0..2 * n {
+        let want = (i >= n || i % 2 == 1).then(|| id(i));
+        assert_eq!(t.get(&key(i)).unwrap(), want, "key {i}");
+    }
+    drop(t);
+    let (t, mark) = KeyFile::open(dir.path()).unwrap().unwrap();
+    assert_eq!(mark, at(3), "a grown table keeps the mark");
+    assert_eq!(t.get(&key(2 * n - 1)).unwrap(), Some(id(2 * n - 1)));
+    assert!(!dir.path().join(NEW).exists());
+}
+
+#[test]
+fn a_key_found_twice_is_the_first_and_growing_keeps_only_that() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = KeyFile::create(dir.path(), &[], at(0)).unwrap();
+    // As a crash can leave it: the key set again before a slot that
+    // held it further along (the slot before was emptied).
+    let table = t.table.read().unwrap();
+    let home = table.home(&key(5));
+    let mut raw = [0u8; SLOT];
+    raw[..16].copy_from_slice(&key(5));
+    raw[16..].copy_from_slice(id(50).as_bytes());
+    let behind = (home + 2) % table.slots;
+    table
+        .file
+        .write_all_at(&raw, HEADER + behind * SLOT as u64)
+        .unwrap();
+    drop(table);
+    t.state.lock().unwrap().used = 1;
+    t.write(&[(key(5), Some(id(5)))]).unwrap();
+    assert_eq!(t.get(&key(5)).unwrap(), Some(id(5)));
+    // Removed, the first slot still answers: not the older one behind.
+    t.write(&[(key(5), None)]).unwrap();
+    assert_eq!(t.get(&key(5)).unwrap(), None);
+    t.write(&[(key(5), Some(id(6)))]).unwrap();
+    let mut st = t.state.lock().unwrap();
+    t.rebuild(&mut st, 0).unwrap();
+    drop(st);
+    assert_eq!(t.get(&key(5)).unwrap(), Some(id(6)));
+    let live = t.table.read().unwrap().count(|id| id.is_some()).unwrap();
+    assert_eq!(live, 1, "the older one is gone");
+}
+
+#[test]
+fn a_damaged_header_is_no_table() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(KeyFile::create(dir.path(), &[(key(1), id(1))], at(4)).unwrap());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(NAME))
+        .unwrap();
+    f.write_all_at(&[0xff], 20).unwrap();
+    assert!(KeyFile::open(dir.path()).unwrap().is_none());
+}
