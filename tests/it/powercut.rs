@@ -9,7 +9,9 @@
 //! twice (429s and operator requeues aside); bodies reached the upstream
 //! byte-identical; every `done` serves its own response; every `unknown`
 //! can be requeued and then runs with its body; nothing is left `started`
-//! or `enqueued` once drained; the gateway starts every time.
+//! or `enqueued` once drained; every submission sent with an
+//! `Idempotency-Key` (half of them), sent again, names its request; the
+//! gateway starts every time.
 //!
 //! 4 cycles by default; `ASYNCGATE_POWERCUT_CYCLES=<n>` for a long run,
 //! `ASYNCGATE_POWERCUT_SEED=<n>` replays one. A strict variant also loses
@@ -27,7 +29,7 @@ use crate::crash::{Rng, count_from, seed_from};
 use crate::helpers::*;
 use crate::lazyfs::{Mount, mount_or_skip, start_gateway};
 use crate::process::Proc;
-use checks::{ADMIN, Ledger, callbacks_missing, settle, status_of};
+use checks::{ADMIN, Ledger, callbacks_missing, keys_still_name_their_requests, settle, status_of};
 use load::{Accepted, Arrivals, keys, recording_upstream, submit};
 
 const DEFAULT_CYCLES: usize = 4;
@@ -121,9 +123,10 @@ async fn power_cuts(test: &str, strict: bool) {
         p = start_or_panic(&up, &mount, &log, &format!("after cut {cycle}")).await;
         let all = accepted.clone();
         settle(&p.base, &all, &arrivals, &mut ledger).await;
+        let keyed = keys_still_name_their_requests(&p.base, &all, &mut ledger).await;
         println!(
             "cycle {cycle}: cut after {kill_after:?} dropped {dropped} unsynced bytes of the gateway's; \
-             {} acknowledged so far, {} problems",
+             {} acknowledged so far ({keyed} keyed, sent again), {} problems",
             all.len(),
             ledger.problems.len()
         );

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::load::{Accepted, Arrivals, response_for};
+use super::load::{Accepted, Arrivals, body_for, response_for};
 use crate::helpers::*;
 use crate::lazyfs::drained;
 
@@ -68,6 +68,37 @@ async fn response_ok(base: &str, a: &Accepted) -> Result<(), String> {
         return Err(format!("other bytes ({} long)", body.len()));
     }
     Ok(())
+}
+
+/// Every acknowledged submission that carried an `Idempotency-Key`, sent
+/// again: its key must still name its request (202, the same id), and
+/// store nothing. How many were sent again.
+pub async fn keys_still_name_their_requests(base: &str, all: &[Accepted], l: &mut Ledger) -> usize {
+    let mut sent = 0;
+    for a in all {
+        let Some(path) = &a.keyed else { continue };
+        let answer = client()
+            .request(a.method.parse().unwrap(), format!("{base}{path}"))
+            .insert_header(("Authorization", a.token))
+            .insert_header(("X-Test-Key", a.key.as_str()))
+            .insert_header(("Idempotency-Key", a.key.as_str()))
+            .send_body(body_for(&a.key))
+            .await;
+        let (code, v) = match answer {
+            Ok(mut res) => (
+                res.status().as_u16(),
+                res.json::<serde_json::Value>().await.unwrap_or_default(),
+            ),
+            Err(e) => (0, serde_json::json!(e.to_string())),
+        };
+        sent += 1;
+        if code != 202 || v["id"] != a.id.as_str() {
+            l.problems.push(format!(
+                "{a:?}: its Idempotency-Key sent again got {code} {v}, not its request"
+            ));
+        }
+    }
+    sent
 }
 
 pub async fn requeue(base: &str, id: &str) -> u16 {

@@ -300,6 +300,7 @@ async fn no_space_in_the_journal_refuses_only_that_submission_with_507() {
             method: "POST",
             token: TOKENS[0],
             callback: false,
+            keyed: None,
         });
     } else {
         problems.push(format!("the next submission got {code} {v}, not 202"));

@@ -49,6 +49,8 @@ pub struct Accepted {
     pub method: &'static str,
     pub token: &'static str,
     pub callback: bool,
+    /// Where it was sent, when it carried an `Idempotency-Key` (its key).
+    pub keyed: Option<String>,
 }
 
 /// Per key, what reached the upstream.
@@ -93,13 +95,15 @@ pub async fn submit(
         };
         let token = TOKENS[(c >> 8) as usize % TOKENS.len()];
         let callback = cb.is_some() && (c >> 16) % 3 == 0;
+        let path = format!("/async_api/v2/item/{s}.json");
+        let keyed = (c >> 32).is_multiple_of(2).then(|| path.clone());
         let mut req = client
-            .request(
-                method.parse().unwrap(),
-                format!("{base}/async_api/v2/item/{s}.json"),
-            )
+            .request(method.parse().unwrap(), format!("{base}{path}"))
             .insert_header(("Authorization", token))
             .insert_header(("X-Test-Key", key.as_str()));
+        if keyed.is_some() {
+            req = req.insert_header(("Idempotency-Key", key.as_str()));
+        }
         if let Some(cb) = cb.as_deref().filter(|_| callback) {
             req = req.insert_header(("X-Callback-Location", cb));
         }
@@ -117,6 +121,7 @@ pub async fn submit(
                 method,
                 token,
                 callback,
+                keyed,
             });
         } else if code != 202 {
             refused.push((key, code));
