@@ -59,8 +59,9 @@ pub(super) struct Keyed {
 
 impl Keyed {
     /// The index in `dir`, and its mark. Without a table there, one is
-    /// made from `records` (the trees at `checkpoint`), and the old index
-    /// in sled, `tree`, is emptied.
+    /// made from `records` (the trees at `checkpoint`: two reads of every
+    /// record, none kept in memory), and the old index in sled, `tree`, is
+    /// emptied.
     pub(super) fn open(
         dir: &std::path::Path,
         records: &sled::Tree,
@@ -70,14 +71,15 @@ impl Keyed {
         let (disk, upto) = match KeyFile::open(dir)? {
             Some(found) => found,
             None => {
-                let mut entries = Vec::new();
-                for v in records.iter().values() {
-                    let rec: RequestRecord = codec::decode(&v?)?;
-                    if let Some(idem) = rec.idempotency {
-                        entries.push((keys::idempotency(&rec.lane, &idem.key), rec.id));
-                    }
-                }
-                (KeyFile::create(dir, &entries, checkpoint)?, checkpoint)
+                let mut count = 0;
+                keyed_records(records, &mut |_, _| {
+                    count += 1;
+                    Ok(())
+                })?;
+                let fill = |put: &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>| {
+                    keyed_records(records, put)
+                };
+                (KeyFile::create(dir, count, checkpoint, fill)?, checkpoint)
             }
         };
         if !tree.is_empty() {
@@ -105,9 +107,13 @@ impl Keyed {
         }
     }
 
-    /// The same, for a reader outside the writer.
+    /// The same, for a reader outside the writer: memory under the lock,
+    /// the table after it (the applier holds the lock for whole rounds).
     pub(super) fn lookup(&self, key: &Key) -> Result<Option<RequestId>, StoreError> {
-        self.get(&self.lock(), key)
+        if let Some(known) = self.lock().known(key) {
+            return Ok(known);
+        }
+        self.disk.get(key)
     }
 
     /// The changes to write, taken under the lock together with the trees'
@@ -140,6 +146,31 @@ impl Keyed {
         let index = self.lock();
         index.dirty.len() + index.writing.len()
     }
+}
+
+/// Every record with a key, under its key, in id order; not those past
+/// their retention (their key names nothing, SPEC §10) nor unreadable
+/// ones (logged).
+fn keyed_records(
+    records: &sled::Tree,
+    f: &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let now = crate::model::now_ms();
+    for v in records.iter().values() {
+        let rec: RequestRecord = match codec::decode(&v?) {
+            Ok(rec) => rec,
+            Err(e) => {
+                log::warn!("a record unreadable while the idempotency index is made: {e}");
+                continue;
+            }
+        };
+        if let Some(idem) = rec.idempotency
+            && !rec.is_expired(now)
+        {
+            f(&keys::idempotency(&rec.lane, &idem.key), rec.id)?;
+        }
+    }
+    Ok(())
 }
 
 /// What the request a key led to says of a submission with `lane` and
@@ -211,8 +242,11 @@ impl CatchUp {
                     key_of.insert(id, key);
                 }
                 Some(_) => {}
+                // A removal that happened (a refused cancel or delete is in
+                // the journal too): its request is not in the trees.
                 None => {
                     if let Some(key) = key_of.get(&id)
+                        && !exists(&id)?
                         && keyed.get(&index, key)? == Some(id)
                     {
                         index.set(*key, None);

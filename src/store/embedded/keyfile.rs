@@ -5,27 +5,32 @@
 //! sled was the index before: a new key cost a random leaf read on the
 //! applier and a random insert on the checkpointer, both under sled's
 //! lock that the applier's transactions take (benches/RESULTS.md). Here a
-//! lookup reads one 512-byte block and takes no lock but a read lock the
-//! checkpointer takes for writing only when it swaps in a rebuilt table.
+//! lookup reads the key's first two slots with one `pread` (a 512-byte
+//! block at a time after that), never waits for sled, and takes only a
+//! read lock that the checkpointer takes for writing to swap in a rebuilt
+//! table.
 //!
 //! Layout: a 4 KiB header (magic, number of slots, the mark: the trees'
 //! checkpoint the table reflects, a checksum), then `slots` slots of 32
 //! bytes: the key, then the id. An all-zero key is an empty slot, an
 //! all-zero id a removed key (its slot stays taken, so probes go past it,
 //! and a later set of the same key takes it again). Linear probing, at
-//! most half full (removed keys count): a table that would pass that is
-//! rebuilt at four times its live keys, removed ones left out, into
-//! `idempotency.new`, then renamed over it; the table grows and shrinks
-//! with the keys in retention.
+//! most half full (removed keys count): a write that would pass that
+//! rebuilds the table first at four times its live keys, removed ones
+//! left out, into `idempotency.new`, then renamed over it; so the table
+//! follows the keys in retention, up and down.
 //!
-//! Crashes: slots are written, then `fdatasync`ed, then (after sled's
-//! flush) the header's mark. Slot writes past the mark may or may not
-//! survive; `open` makes the journal's changes from the mark again, in
-//! order, which leaves every key as the journal does: a set finds the
-//! key's first slot or the first empty one, a removal finds the first.
-//! A key set again after a crash may also sit further along its probe
-//! sequence (a slot before it that the crash emptied); the first one is
-//! the journal's, and a rebuild keeps only that.
+//! Crashes: the checkpointer writes a round's changes only once sled's
+//! trees are durably past that round, so the table is never ahead of the
+//! trees; then it `fdatasync`s, then writes the header's mark. Slots
+//! written after the last mark may or may not have survived a crash;
+//! `open` makes the journal's changes from the mark again, which leaves
+//! every key as the journal does: a set finds the key's first slot or the
+//! first empty one, a removal tombstones the first (or the first empty
+//! one). A key set again after a crash may also sit further along its
+//! probe sequence (a slot before it that the crash emptied); the first
+//! one is the journal's: lookups stop there, and a rebuild keeps only
+//! that.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -54,6 +59,9 @@ const MIN_SLOTS: u64 = 1 << 14;
 /// A table of up to this many bytes of slots is rebuilt in memory (a key
 /// costs no syscall), a larger one slot by slot on disk.
 const IN_MEMORY: u64 = 32 << 20;
+/// Left free beside a rebuilt table; short of it, a table is let fill to
+/// 7/8 before the index fails.
+const REBUILD_SPARE: u64 = 64 << 20;
 /// Slots read at once when the table is scanned.
 const CHUNK: u64 = 1 << 15;
 const EMPTY: [u8; 16] = [0; 16];
@@ -118,17 +126,19 @@ impl KeyFile {
         Ok(Some((keys, mark)))
     }
 
-    /// A new table in `dir` holding `entries`, marked `mark`, made
-    /// durable before it takes its name.
+    /// A new table in `dir` for `keys` keys, which `fill` gives (a key
+    /// given twice keeps the later id), marked `mark`, made durable before
+    /// it takes its name.
     pub(super) fn create(
         dir: &Path,
-        entries: &[(Key, RequestId)],
+        keys: u64,
         mark: Position,
+        fill: impl FnOnce(
+            &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
+        ) -> Result<(), StoreError>,
     ) -> Result<KeyFile, StoreError> {
-        let table = Table::build(dir, entries.len() as u64, mark, IN_MEMORY, |put| {
-            entries.iter().try_for_each(|(k, id)| put(k, *id))
-        })?;
-        let used = entries.len() as u64;
+        let table = Table::build(dir, keys, mark, IN_MEMORY, fill)?;
+        let used = table.count(|_| true)?;
         Ok(KeyFile {
             dir: dir.to_path_buf(),
             in_memory: IN_MEMORY,
@@ -154,10 +164,27 @@ impl KeyFile {
             return Ok(());
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let sets = changes.iter().filter(|(_, to)| to.is_some()).count() as u64;
+        // Each change takes a slot at most.
+        let more = changes.len() as u64;
         let slots = self.table.read().unwrap_or_else(|p| p.into_inner()).slots;
-        if (state.used + sets) * 2 > slots {
-            self.rebuild(&mut state, sets)?;
+        let after = state.used + more;
+        if after * 2 > slots {
+            // Never more than the live keys would need, beside the old one.
+            let bytes = size_for(after) * SLOT as u64 + HEADER;
+            let room = super::free_space(&self.dir)?;
+            if room >= bytes.saturating_add(REBUILD_SPARE) {
+                self.rebuild(&mut state, more)?;
+            } else if after * 8 > slots * 7 {
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "the idempotency index is nearly full and its rebuild needs {bytes} bytes \
+                     (the file system has {room} free)"
+                ))));
+            } else {
+                log::warn!(
+                    "the idempotency index is {after} of {slots} slots full: its rebuild waits \
+                     for {bytes} bytes free (the file system has {room})"
+                );
+            }
         }
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
         for (key, to) in changes {
@@ -209,7 +236,7 @@ impl Table {
             &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
         ) -> Result<(), StoreError>,
     ) -> Result<Table, StoreError> {
-        let slots = (keys.saturating_mul(4)).next_power_of_two().max(MIN_SLOTS);
+        let slots = size_for(keys);
         let path = dir.join(NEW);
         let file = OpenOptions::new()
             .read(true)
@@ -276,10 +303,12 @@ impl Table {
         let Some(at) = at else {
             return Err(full());
         };
-        let taken = match (&slot, to) {
-            (Slot::Empty, None) => return Ok(0),
-            (Slot::Empty, Some(_)) => 1,
-            (Slot::Taken(..), _) => 0,
+        // A removal that finds no slot of the key's still leaves one: an
+        // older copy further along (a crash emptied a slot before it) must
+        // not come back when that slot is taken again.
+        let taken = match slot {
+            Slot::Empty => 1,
+            Slot::Taken(..) => 0,
         };
         let mut bytes = [0u8; SLOT];
         bytes[..16].copy_from_slice(&stored(key));
@@ -321,9 +350,13 @@ impl Table {
                 };
                 let (at, home) = (first + i as u64, self.home(&key));
                 let is_first = if home >= first && home <= at {
-                    // Its probe sequence so far is in this chunk.
+                    // Its probe sequence so far is in this chunk: a lookup
+                    // reaches this slot if no slot before it is empty or
+                    // holds the key.
                     let before = &buf[(home - first) as usize * SLOT..i * SLOT];
-                    !before.chunks_exact(SLOT).any(|s| s[..16] == key)
+                    !before
+                        .chunks_exact(SLOT)
+                        .any(|s| s[..16] == key || s[..16] == EMPTY)
                 } else {
                     self.find(&key)?.0 == Some(at)
                 };
@@ -364,6 +397,11 @@ fn put_in(image: &mut [u8], slots: u64, key: &Key, id: RequestId) -> Result<(), 
         at = (at + 1) % slots;
     }
     Err(full())
+}
+
+/// Slots for a table of `keys` keys: four a key, a power of two.
+fn size_for(keys: u64) -> u64 {
+    keys.saturating_mul(4).next_power_of_two().max(MIN_SLOTS)
 }
 
 /// A key's first slot to probe: its hash's low bits.
@@ -427,10 +465,13 @@ fn read_header(file: &File) -> Result<Option<(u64, Position)>, StoreError> {
     let crc = u32::from_le_bytes([h[32], h[33], h[34], h[35]]);
     let slots = word(8);
     let len = file.metadata()?.len();
+    let needs = slots
+        .checked_mul(SLOT as u64)
+        .and_then(|b| b.checked_add(HEADER));
     if &h[..8] != MAGIC
         || crc != crc32fast::hash(&h[..32])
         || !slots.is_power_of_two()
-        || len < HEADER + slots * SLOT as u64
+        || needs.is_none_or(|n| len < n)
     {
         return Ok(None);
     }

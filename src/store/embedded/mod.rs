@@ -90,7 +90,7 @@ pub(crate) struct Core {
     fatal: Fatal,
     /// Long-polls waiting for a request to finish, woken by the applier.
     waiters: Waiters,
-    /// The idempotency index's changes not yet in sled.
+    /// The idempotency index: its changes in memory, its table on disk.
     keyed: Keyed,
     /// One checkpoint at a time (the checkpointer's, open's, close's).
     checkpointing: Mutex<()>,
@@ -125,9 +125,6 @@ impl Core {
             };
             (at, Keyed::take(&mut index))
         };
-        // Durable before the flush, and marked after it: the mark is never
-        // past the trees' checkpoint, nor past changes not on disk.
-        self.keyed.write(changes)?;
         let current = self.journal.current();
         let mut dead = Vec::new();
         if let Some(at) = at {
@@ -148,7 +145,11 @@ impl Core {
                 .fail(format!("flushing the index to disk failed: {e}"));
             return Err(e);
         }
-        // Before the segments go: the catch-up reads from the mark.
+        // The index's changes only once the trees are durably past them
+        // (a round replayed after a crash must not find the index ahead
+        // of the trees), then the mark; before the segments go, since the
+        // catch-up reads from the mark.
+        self.keyed.write(changes)?;
         if let Some(at) = at {
             self.keyed.mark(at)?;
         }
@@ -182,15 +183,18 @@ impl SledStore {
             Some(v) => codec::decode(&v)?,
             None => Position::default(),
         };
+        // The new format before the old index is emptied (sled's log keeps
+        // that order): a crash between them leaves no data dir of an older
+        // format without its index.
+        if format < FORMAT {
+            trees[META].insert("format", &[FORMAT])?;
+        }
         let (keyed, upto) = Keyed::open(
             &config.path,
             &trees[RECORDS],
             &trees[IDEMPOTENCY],
             checkpoint,
         )?;
-        if format < FORMAT {
-            trees[META].insert("format", &[FORMAT])?;
-        }
         let salt = load_or_make_salt(&db)?;
         let log = OpenOptions::new()
             .read(true)
@@ -246,16 +250,7 @@ impl SledStore {
 
     /// Bytes free for an unprivileged writer on the data dir's file system.
     pub fn free_space(&self) -> Result<u64, StoreError> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes())
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
-        // SAFETY: `path` is a valid C string and `stat` a plain struct that
-        // statvfs fills in; nothing is kept past the call.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-            return Err(StoreError::Io(std::io::Error::last_os_error()));
-        }
-        Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+        free_space(&self.path)
     }
 
     /// The failure switch: the app stops the process once it is set.
@@ -328,6 +323,20 @@ fn checkpoint_loop(core: &Core, stop: &(Mutex<bool>, Condvar)) {
             return;
         }
     }
+}
+
+/// Bytes free for an unprivileged writer on `dir`'s file system.
+fn free_space(dir: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    // SAFETY: `path` is a valid C string and `stat` a plain struct that
+    // statvfs fills in; nothing is kept past the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(StoreError::Io(std::io::Error::last_os_error()));
+    }
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// Creates `dir` (and missing parents) and makes each new entry durable by

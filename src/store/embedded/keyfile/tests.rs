@@ -15,6 +15,13 @@ fn id(i: u64) -> RequestId {
     RequestId(b)
 }
 
+fn create(dir: &Path, entries: &[(Key, RequestId)], mark: Position) -> KeyFile {
+    KeyFile::create(dir, entries.len() as u64, mark, |put| {
+        entries.iter().try_for_each(|(k, id)| put(k, *id))
+    })
+    .unwrap()
+}
+
 fn at(offset: u64) -> Position {
     Position { segment: 1, offset }
 }
@@ -22,7 +29,7 @@ fn at(offset: u64) -> Position {
 #[test]
 fn keys_are_set_removed_and_set_again_and_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let t = KeyFile::create(dir.path(), &[(key(1), id(1))], at(0)).unwrap();
+    let t = create(dir.path(), &[(key(1), id(1))], at(0));
     assert_eq!(t.get(&key(1)).unwrap(), Some(id(1)));
     assert_eq!(t.get(&key(2)).unwrap(), None);
     t.write(&[(key(2), Some(id(2))), (key(1), None)]).unwrap();
@@ -30,14 +37,15 @@ fn keys_are_set_removed_and_set_again_and_survive_a_reopen() {
     assert_eq!(t.get(&key(2)).unwrap(), Some(id(2)));
     t.write(&[(key(1), Some(id(3))), (key(9), None)]).unwrap();
     assert_eq!(t.get(&key(1)).unwrap(), Some(id(3)), "its slot again");
-    assert_eq!(t.state.lock().unwrap().used, 2);
+    // Key 9, removed without being there, left a removed slot.
+    assert_eq!(t.state.lock().unwrap().used, 3);
     t.mark(at(7)).unwrap();
     drop(t);
     let (t, mark) = KeyFile::open(dir.path()).unwrap().expect("there");
     assert_eq!(mark, at(7));
     assert_eq!(t.get(&key(1)).unwrap(), Some(id(3)));
     assert_eq!(t.get(&key(2)).unwrap(), Some(id(2)));
-    assert_eq!(t.state.lock().unwrap().used, 2, "counted on open");
+    assert_eq!(t.state.lock().unwrap().used, 3, "counted on open");
 }
 
 #[test]
@@ -48,7 +56,7 @@ fn a_table_grows_past_half_full_and_keeps_every_live_key() {
 
 fn grows_and_keeps_every_live_key(in_memory: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut t = KeyFile::create(dir.path(), &[], at(0)).unwrap();
+    let mut t = create(dir.path(), &[], at(0));
     t.in_memory = in_memory;
     t.mark(at(3)).unwrap();
     let n = MIN_SLOTS * 3 / 2;
@@ -78,7 +86,7 @@ fn grows_and_keeps_every_live_key(in_memory: u64) {
 #[test]
 fn a_key_found_twice_is_the_first_and_growing_keeps_only_that() {
     let dir = tempfile::tempdir().unwrap();
-    let t = KeyFile::create(dir.path(), &[], at(0)).unwrap();
+    let t = create(dir.path(), &[], at(0));
     // As a crash can leave it: the key set again before a slot that
     // held it further along (the slot before was emptied).
     let table = t.table.read().unwrap();
@@ -110,11 +118,53 @@ fn a_key_found_twice_is_the_first_and_growing_keeps_only_that() {
 #[test]
 fn a_damaged_header_is_no_table() {
     let dir = tempfile::tempdir().unwrap();
-    drop(KeyFile::create(dir.path(), &[(key(1), id(1))], at(4)).unwrap());
+    drop(create(dir.path(), &[(key(1), id(1))], at(4)));
     let f = OpenOptions::new()
         .write(true)
         .open(dir.path().join(NAME))
         .unwrap();
     f.write_all_at(&[0xff], 20).unwrap();
     assert!(KeyFile::open(dir.path()).unwrap().is_none());
+}
+
+/// Writes `key` → `id` at slot `at`, as a crash can leave a slot.
+fn plant(t: &KeyFile, at: u64, key: &Key, id: RequestId) {
+    let table = t.table.read().unwrap();
+    let mut raw = [0u8; SLOT];
+    raw[..16].copy_from_slice(key);
+    raw[16..].copy_from_slice(id.as_bytes());
+    let at = at % table.slots;
+    table
+        .file
+        .write_all_at(&raw, HEADER + at * SLOT as u64)
+        .unwrap();
+    t.state.lock().unwrap().used += 1;
+}
+
+#[test]
+fn an_older_copy_past_an_emptied_slot_stays_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = create(dir.path(), &[], at(0));
+    let (h, other) = {
+        let table = t.table.read().unwrap();
+        let h = table.home(&key(5));
+        (h, (6..).find(|&i| table.home(&key(i)) == h).unwrap())
+    };
+    // Key 5's older copy one past its home, the home emptied by a crash;
+    // then the journal removes key 5, and another key of that home comes.
+    plant(&t, h + 1, &key(5), id(50));
+    t.write(&[(key(5), None)]).unwrap();
+    t.write(&[(key(other), Some(id(7)))]).unwrap();
+    assert_eq!(t.get(&key(5)).unwrap(), None);
+    assert_eq!(t.get(&key(other)).unwrap(), Some(id(7)));
+    // A copy no lookup reaches (an empty slot before it) is not rebuilt.
+    let lost = t.table.read().unwrap().home(&key(9));
+    plant(&t, lost + 2, &key(9), id(90));
+    assert_eq!(t.get(&key(9)).unwrap(), None);
+    let mut st = t.state.lock().unwrap();
+    t.rebuild(&mut st, 0).unwrap();
+    drop(st);
+    assert_eq!(t.get(&key(9)).unwrap(), None, "not brought back");
+    assert_eq!(t.get(&key(5)).unwrap(), None);
+    assert_eq!(t.get(&key(other)).unwrap(), Some(id(7)));
 }

@@ -185,3 +185,22 @@ fn an_index_lost_or_damaged_is_made_again_from_the_records() {
         r.close().unwrap();
     }
 }
+
+#[test]
+fn a_refused_cancel_in_the_catch_up_leaves_the_key_naming_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.core.checkpoint().unwrap();
+    // After the mark: stored, claimed, then a cancel refused (in flight).
+    let a = enqueue(&s, keyed(1, "k", b"1")).unwrap();
+    let claimed = claim(&s, &a.lane, 5).unwrap();
+    assert_eq!(claimed.claims, 1);
+    assert!(matches!(block(s.cancel(&a.id)), Err(StoreError::InFlight)));
+    // The trees flushed past the index's mark, as a crash can leave them.
+    s.core.db.flush().unwrap();
+    let copy = crash_image(dir.path());
+    drop(s);
+    let r = open(copy.path());
+    let key = keys::idempotency(&a.lane, &a.idempotency.unwrap().key);
+    assert_eq!(r.core.keyed.lookup(&key).unwrap(), Some(a.id));
+}
