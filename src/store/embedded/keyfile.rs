@@ -56,8 +56,8 @@ const PER_BLOCK: u64 = (BLOCK / SLOT) as u64;
 const FIRST: u64 = 2;
 /// The smallest table: 512 KiB of slots.
 const MIN_SLOTS: u64 = 1 << 14;
-/// A table of up to this many bytes of slots is rebuilt in memory (a key
-/// costs no syscall), a larger one slot by slot on disk.
+/// A table is built in memory (a key costs no syscall) this many bytes of
+/// slots at a time; a larger one takes a read of its source a window.
 const IN_MEMORY: u64 = 32 << 20;
 /// Left free beside a rebuilt table; short of it, a table is let fill to
 /// 7/8 before the index fails.
@@ -68,7 +68,7 @@ const EMPTY: [u8; 16] = [0; 16];
 
 pub(super) struct KeyFile {
     dir: PathBuf,
-    /// `IN_MEMORY`; tests set it to 0 to rebuild tables on disk.
+    /// `IN_MEMORY`; tests make it small, to build in many windows.
     in_memory: u64,
     table: RwLock<Table>,
     /// Slots taken (live or removed keys), and the last mark written:
@@ -126,14 +126,14 @@ impl KeyFile {
         Ok(Some((keys, mark)))
     }
 
-    /// A new table in `dir` for `keys` keys, which `fill` gives (a key
-    /// given twice keeps the later id), marked `mark`, made durable before
-    /// it takes its name.
+    /// A new table in `dir` for `keys` keys, which `fill` gives, every time
+    /// it is called (a key given twice keeps the later id), marked `mark`,
+    /// made durable before it takes its name.
     pub(super) fn create(
         dir: &Path,
         keys: u64,
         mark: Position,
-        fill: impl FnOnce(
+        fill: impl FnMut(
             &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
         ) -> Result<(), StoreError>,
     ) -> Result<KeyFile, StoreError> {
@@ -224,15 +224,16 @@ impl KeyFile {
 }
 
 impl Table {
-    /// A table for `keys` keys in `NEW`, filled by `fill` (a key given
+    /// A table for `keys` keys in `NEW`, filled from `source` (a key given
     /// twice keeps the later id), made durable and renamed to `NAME`.
-    /// Up to `in_memory` bytes it is made in memory and written at once.
+    /// It is made in memory a window of `in_memory` bytes at a time, each
+    /// written once, in order: `source` gives its keys once a window.
     fn build(
         dir: &Path,
         keys: u64,
         mark: Position,
         in_memory: u64,
-        fill: impl FnOnce(
+        mut source: impl FnMut(
             &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
         ) -> Result<(), StoreError>,
     ) -> Result<Table, StoreError> {
@@ -245,25 +246,37 @@ impl Table {
             .truncate(true)
             .open(&path)?;
         let table = Table { file, slots };
-        let bytes = slots * SLOT as u64;
         let mut head = vec![0u8; HEADER as usize];
         head[..36].copy_from_slice(&header(slots, mark));
         table.file.write_all_at(&head, 0)?;
-        if bytes <= in_memory {
-            let mut image = vec![0u8; bytes as usize];
-            fill(&mut |key, id| put_in(&mut image, slots, key, id))?;
-            table.file.write_all_at(&image, HEADER)?;
-        } else {
-            // Zeros written, not a sparse file: a slot's write is then an
-            // overwrite, not a block allocated in the file system.
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = 0;
-            while at < bytes {
-                let n = (bytes - at).min(zeros.len() as u64);
-                table.file.write_all_at(&zeros[..n as usize], HEADER + at)?;
-                at += n;
+        // Every slot is written (zeros too, not a sparse file: a slot's
+        // write is then an overwrite, not a block allocated by the file
+        // system).
+        let window = (in_memory / SLOT as u64).next_power_of_two().min(slots);
+        let mut image = vec![0u8; window as usize * SLOT];
+        // Keys whose probe ran past the end of the window before.
+        let mut carried: Vec<(Key, RequestId)> = Vec::new();
+        for first in (0..slots).step_by(window as usize) {
+            image.fill(0);
+            let mut past = Vec::new();
+            for (key, id) in carried.drain(..) {
+                place(&mut image, 0, &key, id, &mut past);
             }
-            fill(&mut |key, id| table.put(key, Some(id)).map(drop))?;
+            source(&mut |key, id| {
+                let home = home(&stored(key), slots);
+                if (first..first + window).contains(&home) {
+                    place(&mut image, home - first, key, id, &mut past);
+                }
+                Ok(())
+            })?;
+            table
+                .file
+                .write_all_at(&image, HEADER + first * SLOT as u64)?;
+            carried = past;
+        }
+        // Past the last slot: on to the first ones, now on disk.
+        for (key, id) in carried {
+            table.put(&key, Some(id))?;
         }
         table.file.sync_all()?;
         std::fs::rename(&path, KeyFile::path(dir))?;
@@ -383,20 +396,18 @@ impl Table {
     }
 }
 
-/// `Table::put` on a table's slots in memory.
-fn put_in(image: &mut [u8], slots: u64, key: &Key, id: RequestId) -> Result<(), StoreError> {
+/// Sets `key` in a window of slots in memory, probing from its slot
+/// `from`; past the window's end, into `past`.
+fn place(image: &mut [u8], from: u64, key: &Key, id: RequestId, past: &mut Vec<(Key, RequestId)>) {
     let key = stored(key);
-    let mut at = home(&key, slots);
-    for _ in 0..slots {
-        let slot = &mut image[at as usize * SLOT..][..SLOT];
+    for slot in image[from as usize * SLOT..].chunks_exact_mut(SLOT) {
         if slot[..16] == EMPTY || slot[..16] == key {
             slot[..16].copy_from_slice(&key);
             slot[16..].copy_from_slice(id.as_bytes());
-            return Ok(());
+            return;
         }
-        at = (at + 1) % slots;
     }
-    Err(full())
+    past.push((key, id));
 }
 
 /// Slots for a table of `keys` keys: four a key, a power of two.

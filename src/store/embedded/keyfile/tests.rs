@@ -51,7 +51,8 @@ fn keys_are_set_removed_and_set_again_and_survive_a_reopen() {
 #[test]
 fn a_table_grows_past_half_full_and_keeps_every_live_key() {
     grows_and_keeps_every_live_key(IN_MEMORY);
-    grows_and_keeps_every_live_key(0);
+    // Built a window of 2,048 slots at a time.
+    grows_and_keeps_every_live_key(64 << 10);
 }
 
 fn grows_and_keeps_every_live_key(in_memory: u64) {
@@ -167,4 +168,21 @@ fn an_older_copy_past_an_emptied_slot_stays_hidden() {
     assert_eq!(t.get(&key(9)).unwrap(), None, "not brought back");
     assert_eq!(t.get(&key(5)).unwrap(), None);
     assert_eq!(t.get(&key(other)).unwrap(), Some(id(7)));
+}
+
+#[test]
+fn keys_at_the_last_slot_go_on_at_the_first() {
+    let last: Vec<u64> = (0..)
+        .filter(|i| home(&stored(&key(*i)), MIN_SLOTS) == MIN_SLOTS - 1)
+        .take(3)
+        .collect();
+    let entries: Vec<_> = last.iter().map(|&i| (key(i), id(i))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let t = create(dir.path(), &entries, at(0));
+    assert_eq!(t.table.read().unwrap().slots, MIN_SLOTS);
+    for &i in &last {
+        assert_eq!(t.get(&key(i)).unwrap(), Some(id(i)), "key {i}");
+    }
+    let first = t.table.read().unwrap().find(&key(last[2])).unwrap().0;
+    assert_eq!(first, Some(1), "wrapped around");
 }
