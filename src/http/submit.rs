@@ -93,7 +93,7 @@ pub async fn submit(
         idempotency = prefer::idempotency(&req, &method, &target, &read)?;
         body = Some(read);
     }
-    if let Err(refused) = admit(&state, &lane).await {
+    if let Err(refused) = admit(&state, &lane, idempotency.is_some()).await {
         let first = match idempotency {
             Some(i) => state.store.idempotent(&lane, &i).await?,
             None => None,
@@ -158,8 +158,8 @@ pub async fn submit(
 /// The disk's reserve (507) and the credential's queue cap (429), checked
 /// before the body is read (the cap again, exactly, where the request is
 /// stored).
-async fn admit(state: &State, lane: &crate::model::LaneKey) -> Result<(), ApiError> {
-    if state.store.free_space()? < state.min_free_disk {
+async fn admit(state: &State, lane: &crate::model::LaneKey, keyed: bool) -> Result<(), ApiError> {
+    if state.store.free_space()? < state.min_free_disk || (keyed && state.store.keys_crowded()) {
         return Err(ApiError::InsufficientStorage);
     }
     if let Some(cap) = state.max_pending_per_credential

@@ -142,6 +142,16 @@ impl Store {
         }
     }
 
+    /// Whether a submission with a new `Idempotency-Key` is refused for
+    /// want of disk space (the embedded key index cannot grow); decided
+    /// before the journal, so a replay stores what was stored.
+    pub fn keys_crowded(&self) -> bool {
+        match &self.backend {
+            Backend::Sled(s) => s.keys_crowded(),
+            Backend::Pg(_) => false,
+        }
+    }
+
     /// The failure switch: the app stops the process once it is set.
     pub fn fatal(&self) -> &Fatal {
         match &self.backend {

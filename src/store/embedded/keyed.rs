@@ -8,9 +8,10 @@
 //! serial applier. Memory holds only what changed since the last
 //! checkpoint (SPEC §9); the table, every key.
 //!
-//! The checkpointer writes the changes (durably), flushes the trees, then
-//! marks the table with the trees' checkpoint the changes were taken with
-//! (`upto`): after a crash the mark is never past the trees' checkpoint.
+//! The checkpointer flushes the trees, then writes the changes (durably),
+//! then marks the table with the trees' checkpoint the changes were taken
+//! with (`upto`): the table is never ahead of the trees, and after a crash
+//! the mark is never past the trees' checkpoint.
 //! `open` reads the journal from the mark to the checkpoint for its keys
 //! alone (`CatchUp`), then replays the rest as usual. A data dir without
 //! the table (older formats kept the index in sled) gets it from the
@@ -58,17 +59,24 @@ pub(super) struct Keyed {
 }
 
 impl Keyed {
-    /// The index in `dir`, and its mark. Without a table there, one is
-    /// made from `records` (the trees at `checkpoint`: two reads of every
-    /// record, none kept in memory), and the old index in sled, `tree`, is
-    /// emptied.
+    /// The index in `dir`, and its mark. Without a table there, or for a
+    /// data dir of an older format (`upgrade`: a table there may be from
+    /// a start whose new format did not last, and an older asyncgate has
+    /// run since), one is made from `records` (the trees at `checkpoint`:
+    /// two reads of every record, none kept in memory), and the old index
+    /// in sled, `tree`, is emptied.
     pub(super) fn open(
         dir: &std::path::Path,
         records: &sled::Tree,
         tree: &sled::Tree,
         checkpoint: Position,
+        upgrade: bool,
     ) -> Result<(Keyed, Position), StoreError> {
-        let (disk, upto) = match KeyFile::open(dir)? {
+        let found = match upgrade {
+            true => None,
+            false => KeyFile::open(dir)?,
+        };
+        let (disk, upto) = match found {
             Some(found) => found,
             None => {
                 let mut count = 0;
@@ -148,14 +156,14 @@ impl Keyed {
     }
 }
 
-/// Every record with a key, under its key, in id order; not those past
-/// their retention (their key names nothing, SPEC §10) nor unreadable
-/// ones (logged).
+/// Every record with a key, under its key, in id order (a key taken over
+/// from a request past its retention names the later one), but unreadable
+/// ones (logged). Records past their retention are in: a round replayed
+/// after this judges them by its own time, as it did when it ran.
 fn keyed_records(
     records: &sled::Tree,
     f: &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let now = crate::model::now_ms();
     for v in records.iter().values() {
         let rec: RequestRecord = match codec::decode(&v?) {
             Ok(rec) => rec,
@@ -164,9 +172,7 @@ fn keyed_records(
                 continue;
             }
         };
-        if let Some(idem) = rec.idempotency
-            && !rec.is_expired(now)
-        {
+        if let Some(idem) = rec.idempotency {
             f(&keys::idempotency(&rec.lane, &idem.key), rec.id)?;
         }
     }

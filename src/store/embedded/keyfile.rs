@@ -17,8 +17,10 @@
 //! and a later set of the same key takes it again). Linear probing, at
 //! most half full (removed keys count): a write that would pass that
 //! rebuilds the table first at four times its live keys, removed ones
-//! left out, into `idempotency.new`, then renamed over it; so the table
-//! follows the keys in retention, up and down.
+//! left out, into `idempotency.new`, then renamed over it (`build`); so
+//! the table follows the keys in retention, up and down. Without the disk
+//! space for a rebuild it fills on, and past 3/4 new keys are refused
+//! (507, `crowded`) until there is.
 //!
 //! Crashes: the checkpointer writes a round's changes only once sled's
 //! trees are durably past that round, so the table is never ahead of the
@@ -35,6 +37,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::StoreError;
@@ -59,8 +62,8 @@ const MIN_SLOTS: u64 = 1 << 14;
 /// A table is built in memory (a key costs no syscall) this many bytes of
 /// slots at a time; a larger one takes a read of its source a window.
 const IN_MEMORY: u64 = 32 << 20;
-/// Left free beside a rebuilt table; short of it, a table is let fill to
-/// 7/8 before the index fails.
+/// Left free beside a rebuilt table; short of it, the table fills up to
+/// 3/4, then new keys are refused (`crowded`) until it can be rebuilt.
 const REBUILD_SPARE: u64 = 64 << 20;
 /// Slots read at once when the table is scanned.
 const CHUNK: u64 = 1 << 15;
@@ -74,6 +77,10 @@ pub(super) struct KeyFile {
     /// Slots taken (live or removed keys), and the last mark written:
     /// the checkpointer's alone.
     state: Mutex<State>,
+    /// Over 3/4 full, its rebuild waiting for disk space.
+    crowded: AtomicBool,
+    /// Bytes free beside the table (tests pretend a full disk).
+    free: fn(&Path) -> Result<u64, StoreError>,
 }
 
 struct Table {
@@ -101,7 +108,7 @@ impl KeyFile {
     /// The table in `dir`, with its mark; `None` if there is none yet, or
     /// its header is damaged (the caller makes it again).
     pub(super) fn open(dir: &Path) -> Result<Option<(KeyFile, Position)>, StoreError> {
-        let _ = std::fs::remove_file(dir.join(NEW));
+        build::clean(dir);
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -122,6 +129,8 @@ impl KeyFile {
             in_memory: IN_MEMORY,
             table: RwLock::new(table),
             state: Mutex::new(State { used, mark }),
+            crowded: AtomicBool::new(false),
+            free: super::free_space,
         };
         Ok(Some((keys, mark)))
     }
@@ -133,18 +142,26 @@ impl KeyFile {
         dir: &Path,
         keys: u64,
         mark: Position,
-        fill: impl FnMut(
+        mut fill: impl FnMut(
             &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
         ) -> Result<(), StoreError>,
     ) -> Result<KeyFile, StoreError> {
-        let table = Table::build(dir, keys, mark, IN_MEMORY, fill)?;
+        let table = Table::build(dir, keys, mark, IN_MEMORY, &mut fill)?;
         let used = table.count(|_| true)?;
         Ok(KeyFile {
             dir: dir.to_path_buf(),
             in_memory: IN_MEMORY,
             table: RwLock::new(table),
             state: Mutex::new(State { used, mark }),
+            crowded: AtomicBool::new(false),
+            free: super::free_space,
         })
+    }
+
+    /// Whether new keys are refused: the table is over 3/4 full and its
+    /// rebuild waits for disk space.
+    pub(super) fn crowded(&self) -> bool {
+        self.crowded.load(Ordering::Relaxed)
     }
 
     /// The request `key` names, as the table says.
@@ -169,16 +186,12 @@ impl KeyFile {
         let slots = self.table.read().unwrap_or_else(|p| p.into_inner()).slots;
         let after = state.used + more;
         if after * 2 > slots {
-            // Never more than the live keys would need, beside the old one.
-            let bytes = size_for(after) * SLOT as u64 + HEADER;
-            let room = super::free_space(&self.dir)?;
+            // At most: the new table beside the old one, and its keys
+            // spilled once.
+            let bytes = (size_for(after) + after) * SLOT as u64 + HEADER;
+            let room = (self.free)(&self.dir)?;
             if room >= bytes.saturating_add(REBUILD_SPARE) {
                 self.rebuild(&mut state, more)?;
-            } else if after * 8 > slots * 7 {
-                return Err(StoreError::Io(std::io::Error::other(format!(
-                    "the idempotency index is nearly full and its rebuild needs {bytes} bytes \
-                     (the file system has {room} free)"
-                ))));
             } else {
                 log::warn!(
                     "the idempotency index is {after} of {slots} slots full: its rebuild waits \
@@ -191,6 +204,10 @@ impl KeyFile {
             state.used += table.put(key, *to)?;
         }
         table.file.sync_data()?;
+        // Past 3/4 (a rebuild waiting for room), new keys are refused
+        // until it is rebuilt: the table keeps room for what is in memory.
+        self.crowded
+            .store(state.used * 4 > table.slots * 3, Ordering::Relaxed);
         Ok(())
     }
 
@@ -212,9 +229,13 @@ impl KeyFile {
     fn rebuild(&self, state: &mut State, more: u64) -> Result<(), StoreError> {
         let old = self.table.read().unwrap_or_else(|p| p.into_inner());
         let live = old.count(|id| id.is_some())?;
-        let new = Table::build(&self.dir, live + more, state.mark, self.in_memory, |put| {
-            old.each_live(put)
-        })?;
+        let new = Table::build(
+            &self.dir,
+            live + more,
+            state.mark,
+            self.in_memory,
+            &mut |put| old.each_live(put),
+        )?;
         drop(old);
         log::info!("idempotency index rebuilt: {} slots", new.slots);
         state.used = new.count(|_| true)?;
@@ -224,66 +245,6 @@ impl KeyFile {
 }
 
 impl Table {
-    /// A table for `keys` keys in `NEW`, filled from `source` (a key given
-    /// twice keeps the later id), made durable and renamed to `NAME`.
-    /// It is made in memory a window of `in_memory` bytes at a time, each
-    /// written once, in order: `source` gives its keys once a window.
-    fn build(
-        dir: &Path,
-        keys: u64,
-        mark: Position,
-        in_memory: u64,
-        mut source: impl FnMut(
-            &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
-        ) -> Result<(), StoreError>,
-    ) -> Result<Table, StoreError> {
-        let slots = size_for(keys);
-        let path = dir.join(NEW);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        let table = Table { file, slots };
-        let mut head = vec![0u8; HEADER as usize];
-        head[..36].copy_from_slice(&header(slots, mark));
-        table.file.write_all_at(&head, 0)?;
-        // Every slot is written (zeros too, not a sparse file: a slot's
-        // write is then an overwrite, not a block allocated by the file
-        // system).
-        let window = (in_memory / SLOT as u64).next_power_of_two().min(slots);
-        let mut image = vec![0u8; window as usize * SLOT];
-        // Keys whose probe ran past the end of the window before.
-        let mut carried: Vec<(Key, RequestId)> = Vec::new();
-        for first in (0..slots).step_by(window as usize) {
-            image.fill(0);
-            let mut past = Vec::new();
-            for (key, id) in carried.drain(..) {
-                place(&mut image, 0, &key, id, &mut past);
-            }
-            source(&mut |key, id| {
-                let home = home(&stored(key), slots);
-                if (first..first + window).contains(&home) {
-                    place(&mut image, home - first, key, id, &mut past);
-                }
-                Ok(())
-            })?;
-            table
-                .file
-                .write_all_at(&image, HEADER + first * SLOT as u64)?;
-            carried = past;
-        }
-        // Past the last slot: on to the first ones, now on disk.
-        for (key, id) in carried {
-            table.put(&key, Some(id))?;
-        }
-        table.file.sync_all()?;
-        std::fs::rename(&path, KeyFile::path(dir))?;
-        File::open(dir)?.sync_all()?;
-        Ok(table)
-    }
-
     fn home(&self, key: &Key) -> u64 {
         home(key, self.slots)
     }
@@ -396,20 +357,6 @@ impl Table {
     }
 }
 
-/// Sets `key` in a window of slots in memory, probing from its slot
-/// `from`; past the window's end, into `past`.
-fn place(image: &mut [u8], from: u64, key: &Key, id: RequestId, past: &mut Vec<(Key, RequestId)>) {
-    let key = stored(key);
-    for slot in image[from as usize * SLOT..].chunks_exact_mut(SLOT) {
-        if slot[..16] == EMPTY || slot[..16] == key {
-            slot[..16].copy_from_slice(&key);
-            slot[16..].copy_from_slice(id.as_bytes());
-            return;
-        }
-    }
-    past.push((key, id));
-}
-
 /// Slots for a table of `keys` keys: four a key, a power of two.
 fn size_for(keys: u64) -> u64 {
     keys.saturating_mul(4).next_power_of_two().max(MIN_SLOTS)
@@ -493,5 +440,6 @@ fn read_header(file: &File) -> Result<Option<(u64, Position)>, StoreError> {
     Ok(Some((slots, mark)))
 }
 
+mod build;
 #[cfg(test)]
 mod tests;

@@ -194,6 +194,7 @@ impl SledStore {
             &trees[RECORDS],
             &trees[IDEMPOTENCY],
             checkpoint,
+            format < FORMAT,
         )?;
         let salt = load_or_make_salt(&db)?;
         let log = OpenOptions::new()
@@ -251,6 +252,12 @@ impl SledStore {
     /// Bytes free for an unprivileged writer on the data dir's file system.
     pub fn free_space(&self) -> Result<u64, StoreError> {
         free_space(&self.path)
+    }
+
+    /// The key index is over 3/4 full and cannot be rebuilt for want of
+    /// disk space: new keys are refused (507) until it can.
+    pub fn keys_crowded(&self) -> bool {
+        self.core.keyed.disk().crowded()
     }
 
     /// The failure switch: the app stops the process once it is set.

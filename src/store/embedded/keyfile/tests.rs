@@ -81,7 +81,11 @@ fn grows_and_keeps_every_live_key(in_memory: u64) {
     let (t, mark) = KeyFile::open(dir.path()).unwrap().unwrap();
     assert_eq!(mark, at(3), "a grown table keeps the mark");
     assert_eq!(t.get(&key(2 * n - 1)).unwrap(), Some(id(2 * n - 1)));
-    assert!(!dir.path().join(NEW).exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, [NAME], "nothing but the table");
 }
 
 #[test]
@@ -185,4 +189,30 @@ fn keys_at_the_last_slot_go_on_at_the_first() {
     }
     let first = t.table.read().unwrap().find(&key(last[2])).unwrap().0;
     assert_eq!(first, Some(1), "wrapped around");
+}
+
+#[test]
+fn without_room_to_rebuild_new_keys_are_refused_past_three_quarters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = create(dir.path(), &[], at(0));
+    t.free = |_| Ok(0);
+    let fill = |t: &KeyFile, keys: std::ops::Range<u64>| {
+        let sets: Vec<_> = keys.map(|i| (key(i), Some(id(i)))).collect();
+        t.write(&sets).unwrap();
+    };
+    let (a, b) = (MIN_SLOTS * 5 / 8, MIN_SLOTS * 7 / 8);
+    fill(&t, 0..a);
+    assert_eq!(t.table.read().unwrap().slots, MIN_SLOTS, "not rebuilt");
+    assert!(!t.crowded());
+    fill(&t, a..b);
+    assert!(t.crowded(), "over 3/4 without room");
+    for i in 0..b {
+        assert_eq!(t.get(&key(i)).unwrap(), Some(id(i)));
+    }
+    // Room again: the next write rebuilds, and keys are taken again.
+    t.free = |_| Ok(u64::MAX);
+    fill(&t, b..b + 1);
+    assert!(t.table.read().unwrap().slots > MIN_SLOTS);
+    assert!(!t.crowded());
+    assert_eq!(t.get(&key(0)).unwrap(), Some(id(0)));
 }
