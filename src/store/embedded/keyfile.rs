@@ -146,6 +146,7 @@ impl KeyFile {
             &mut dyn FnMut(&Key, RequestId) -> Result<(), StoreError>,
         ) -> Result<(), StoreError>,
     ) -> Result<KeyFile, StoreError> {
+        build::clean(dir);
         let table = Table::build(dir, keys, mark, IN_MEMORY, &mut fill)?;
         let used = table.count(|_| true)?;
         Ok(KeyFile {
