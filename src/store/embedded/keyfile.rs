@@ -176,9 +176,10 @@ impl KeyFile {
 
     /// Writes `changes` (`None`: the key is removed) and makes them
     /// durable; the mark stays. Grows the table first if they could fill
-    /// it past half.
+    /// it past half. Called without changes, it tries again a rebuild
+    /// that waits for room (`crowded`: no new key comes until then).
     pub(super) fn write(&self, changes: &[(Key, Option<RequestId>)]) -> Result<(), StoreError> {
-        if changes.is_empty() {
+        if changes.is_empty() && !self.crowded() {
             return Ok(());
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
