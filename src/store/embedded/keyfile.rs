@@ -124,15 +124,7 @@ impl KeyFile {
         };
         let table = Table { file, slots };
         let used = table.count(|_| true)?;
-        let keys = KeyFile {
-            dir: dir.to_path_buf(),
-            in_memory: IN_MEMORY,
-            table: RwLock::new(table),
-            state: Mutex::new(State { used, mark }),
-            crowded: AtomicBool::new(false),
-            free: super::free_space,
-        };
-        Ok(Some((keys, mark)))
+        Ok(Some((KeyFile::with(dir, table, used, mark), mark)))
     }
 
     /// A new table in `dir` for `keys` keys, which `fill` gives, every time
@@ -147,16 +139,21 @@ impl KeyFile {
         ) -> Result<(), StoreError>,
     ) -> Result<KeyFile, StoreError> {
         build::clean(dir);
-        let table = Table::build(dir, keys, mark, IN_MEMORY, &mut fill)?;
-        let used = table.count(|_| true)?;
-        Ok(KeyFile {
+        let (table, used) = Table::build(dir, keys, mark, IN_MEMORY, &mut fill)?;
+        Ok(KeyFile::with(dir, table, used, mark))
+    }
+
+    /// Over `table`, `used` slots taken, marked `mark`. Crowded if over 3/4
+    /// (the next checkpoint rebuilds it if the disk has room).
+    fn with(dir: &Path, table: Table, used: u64, mark: Position) -> KeyFile {
+        KeyFile {
             dir: dir.to_path_buf(),
             in_memory: IN_MEMORY,
+            crowded: AtomicBool::new(crowded(used, table.slots)),
             table: RwLock::new(table),
             state: Mutex::new(State { used, mark }),
-            crowded: AtomicBool::new(false),
             free: super::free_space,
-        })
+        }
     }
 
     /// Whether new keys are refused: the table is over 3/4 full and its
@@ -209,7 +206,7 @@ impl KeyFile {
         // Past 3/4 (a rebuild waiting for room), new keys are refused
         // until it is rebuilt: the table keeps room for what is in memory.
         self.crowded
-            .store(state.used * 4 > table.slots * 3, Ordering::Relaxed);
+            .store(crowded(state.used, table.slots), Ordering::Relaxed);
         Ok(())
     }
 
@@ -231,7 +228,7 @@ impl KeyFile {
     fn rebuild(&self, state: &mut State, more: u64) -> Result<(), StoreError> {
         let old = self.table.read().unwrap_or_else(|p| p.into_inner());
         let live = old.count(|id| id.is_some())?;
-        let new = Table::build(
+        let (new, used) = Table::build(
             &self.dir,
             live + more,
             state.mark,
@@ -240,7 +237,7 @@ impl KeyFile {
         )?;
         drop(old);
         log::info!("idempotency index rebuilt: {} slots", new.slots);
-        state.used = new.count(|_| true)?;
+        state.used = used;
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = new;
         Ok(())
     }
@@ -357,6 +354,11 @@ impl Table {
         })?;
         Ok(n)
     }
+}
+
+/// Over 3/4 of the slots taken: new keys wait for a rebuild.
+fn crowded(used: u64, slots: u64) -> bool {
+    used * 4 > slots * 3
 }
 
 /// Slots for a table of `keys` keys: four a key, a power of two.

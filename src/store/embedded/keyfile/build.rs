@@ -27,15 +27,17 @@ pub(super) type Source<'a> = &'a mut dyn FnMut(
 impl Table {
     /// A table for `keys` keys in `NEW`, filled from `source` (a key given
     /// twice keeps the later id), made durable and renamed to `NAME`; made
-    /// in memory `in_memory` bytes of slots at a time.
+    /// in memory `in_memory` bytes of slots at a time. With the number of
+    /// slots it took.
     pub(super) fn build(
         dir: &Path,
         keys: u64,
         mark: Position,
         in_memory: u64,
         source: Source<'_>,
-    ) -> Result<Table, StoreError> {
+    ) -> Result<(Table, u64), StoreError> {
         let slots = size_for(keys);
+        let mut used = 0;
         let path = dir.join(NEW);
         let table = Table {
             file: fresh(&path)?,
@@ -52,7 +54,7 @@ impl Table {
         let carried = if window == slots {
             let mut past = Vec::new();
             source(&mut |key, id| {
-                place(&mut image, home(&stored(key), slots), key, id, &mut past);
+                used += place(&mut image, home(&stored(key), slots), key, id, &mut past);
                 Ok(())
             })?;
             table.file.write_all_at(&image, HEADER)?;
@@ -66,10 +68,10 @@ impl Table {
                 image.fill(0);
                 let mut past = Vec::new();
                 for (key, id) in std::mem::take(&mut carried) {
-                    place(&mut image, 0, &key, id, &mut past);
+                    used += place(&mut image, 0, &key, id, &mut past);
                 }
                 each_spilled(spill, |key, id| {
-                    place(&mut image, home(key, slots) - first, key, id, &mut past);
+                    used += place(&mut image, home(key, slots) - first, key, id, &mut past);
                 })?;
                 table
                     .file
@@ -81,27 +83,36 @@ impl Table {
         };
         // Past the last slot: on to the first ones, now on disk.
         for (key, id) in carried {
-            table.put(&key, Some(id))?;
+            used += table.put(&key, Some(id))?;
         }
         table.file.sync_all()?;
         std::fs::rename(&path, KeyFile::path(dir))?;
         File::open(dir)?.sync_all()?;
-        Ok(table)
+        Ok((table, used))
     }
 }
 
 /// Sets `key` in a window of slots in memory, probing from its slot
-/// `from`; past the window's end, into `past`.
-fn place(image: &mut [u8], from: u64, key: &Key, id: RequestId, past: &mut Vec<(Key, RequestId)>) {
+/// `from`; past the window's end, into `past`. 1 if it took an empty
+/// slot.
+fn place(
+    image: &mut [u8],
+    from: u64,
+    key: &Key,
+    id: RequestId,
+    past: &mut Vec<(Key, RequestId)>,
+) -> u64 {
     let key = stored(key);
     for slot in image[from as usize * SLOT..].chunks_exact_mut(SLOT) {
-        if slot[..16] == [0; 16] || slot[..16] == key {
+        let empty = slot[..16] == [0; 16];
+        if empty || slot[..16] == key {
             slot[..16].copy_from_slice(&key);
             slot[16..].copy_from_slice(id.as_bytes());
-            return;
+            return u64::from(empty);
         }
     }
     past.push((key, id));
+    0
 }
 
 /// A source's keys, a file a window, each in the source's order.
